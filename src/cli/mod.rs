@@ -1,0 +1,101 @@
+//! The `loracast` command line (SPEC §7). Every command validates its inputs before heavy
+//! work, exits non-zero with one clear line on bad input, and writes outputs atomically.
+mod bench;
+mod generate;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "loracast",
+    version,
+    about = "Finetuning-free personalization of Stable Diffusion"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Text-to-image with a diffusers-format SD1.x folder.
+    Generate(generate::GenerateArgs),
+    /// Benchmarks (compare with scripts/bench_unet.py).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+/// Runs the CLI; returns the process exit code.
+pub fn main() -> i32 {
+    install_panic_hook();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help/--version print in full; usage errors print their first line only.
+        Err(e) if !e.use_stderr() => {
+            e.print().ok();
+            return 0;
+        }
+        Err(e) => {
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("error: invalid arguments");
+            eprintln!("{first} (see --help)");
+            return 2;
+        }
+    };
+    crate::util::init_threads();
+    let result = match cli.command {
+        Command::Generate(args) => generate::run(args),
+        Command::Bench(cmd) => bench::run(cmd),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            1
+        }
+    }
+}
+
+/// A panic (a bug, or libtorch rejecting something we failed to validate) prints one line
+/// instead of a backtrace.
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("unknown panic");
+        let first = msg.lines().next().unwrap_or(msg);
+        eprintln!("error: internal error: {first}");
+    }));
+}
+
+/// An output path must have the given extension, a writable parent folder, and must not
+/// exist unless `force` (existing outputs are never clobbered silently).
+pub(crate) fn check_output(path: &Path, ext: &str, force: bool) -> Result<PathBuf> {
+    if path.extension().and_then(|e| e.to_str()) != Some(ext) {
+        bail!("--out {}: expected a .{ext} file", path.display());
+    }
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !parent.is_dir() {
+        bail!(
+            "--out {}: folder {} does not exist",
+            path.display(),
+            parent.display()
+        );
+    }
+    if path.exists() && !force {
+        bail!(
+            "--out {} already exists (pass --force to overwrite)",
+            path.display()
+        );
+    }
+    Ok(path.to_path_buf())
+}

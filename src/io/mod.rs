@@ -1,0 +1,6 @@
+//! Reading and writing the outside world: diffusers folders, safetensors, images.
+pub mod folder;
+pub mod image;
+pub mod safetensors;
+
+pub use folder::DiffusersFolder;

@@ -1,0 +1,220 @@
+//! Strict safetensors loading into a `tch::nn::VarStore`.
+//!
+//! Every variable of the model must be in the file with the same shape, and every tensor of the
+//! file must be used (bar an explicit ignore list): errors name the key and both shapes, like
+//! diffusers' `load_state_dict(strict=True)` but with one clear line. f32/f16/bf16/f64 files load
+//! into the store's kind. Truncated or corrupted files fail in the header check.
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+use tch::{nn::VarStore, Kind, Tensor};
+
+/// A memory-mapped safetensors file whose header has been validated.
+pub struct SafeTensorsFile {
+    path: PathBuf,
+    mmap: Mmap,
+}
+
+impl SafeTensorsFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        // SAFETY: the map is read-only and loracast never writes to files it is reading.
+        let mmap = unsafe { Mmap::map(&file) }
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        SafeTensors::deserialize(&mmap).map_err(|e| {
+            anyhow!(
+                "{} is not a valid safetensors file ({e}); it may be truncated or corrupted",
+                path.display()
+            )
+        })?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            mmap,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn tensors(&self) -> SafeTensors<'_> {
+        // Validated in `open`.
+        SafeTensors::deserialize(&self.mmap).expect("header validated in open")
+    }
+
+    /// The `__metadata__` map of the header.
+    pub fn metadata(&self) -> Result<Option<std::collections::HashMap<String, String>>> {
+        let (_, meta) = SafeTensors::read_metadata(&self.mmap)
+            .map_err(|e| anyhow!("{}: {e}", self.path.display()))?;
+        Ok(meta.metadata().clone())
+    }
+
+    /// One tensor as a CPU tensor of `kind` (converted from the file's dtype).
+    pub fn tensor(&self, name: &str, kind: Kind) -> Result<Tensor> {
+        let st = self.tensors();
+        let view = st
+            .tensor(name)
+            .map_err(|_| anyhow!("{}: no tensor {name:?}", self.path.display()))?;
+        view_to_tensor(&view, kind).with_context(|| format!("{}: {name}", self.path.display()))
+    }
+}
+
+fn file_kind(dtype: Dtype) -> Result<Kind> {
+    Ok(match dtype {
+        Dtype::F32 => Kind::Float,
+        Dtype::F16 => Kind::Half,
+        Dtype::BF16 => Kind::BFloat16,
+        Dtype::F64 => Kind::Double,
+        Dtype::I64 => Kind::Int64,
+        Dtype::I32 => Kind::Int,
+        Dtype::U8 => Kind::Uint8,
+        other => bail!("unsupported dtype {other:?}"),
+    })
+}
+
+/// Copies a tensor view into a new tensor of `kind`.
+pub fn view_to_tensor(view: &safetensors::tensor::TensorView<'_>, kind: Kind) -> Result<Tensor> {
+    let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+    let t = Tensor::from_data_size(view.data(), &shape, file_kind(view.dtype())?);
+    Ok(t.to_kind(kind))
+}
+
+/// Loads `files` (one model split over shards, or one file) into `vs`, strictly.
+/// Keys listed in `ignore` may be in the file without being used (e.g. a `position_ids` buffer).
+pub fn load_strict(vs: &mut VarStore, files: &[SafeTensorsFile], ignore: &[&str]) -> Result<()> {
+    load_strict_aliased(vs, files, ignore, &HashMap::new())
+}
+
+/// [`load_strict`] where `aliases` maps a variable name to the key a file stores it under
+/// (deprecated checkpoint names); a variable is read from its alias when its own key is absent.
+pub fn load_strict_aliased(
+    vs: &mut VarStore,
+    files: &[SafeTensorsFile],
+    ignore: &[&str],
+    aliases: &HashMap<String, String>,
+) -> Result<()> {
+    let mut by_key: BTreeMap<String, (usize, Vec<usize>)> = BTreeMap::new();
+    for (i, f) in files.iter().enumerate() {
+        for (name, view) in f.tensors().tensors() {
+            by_key.insert(name, (i, view.shape().to_vec()));
+        }
+    }
+    let where_ = || {
+        files
+            .iter()
+            .map(|f| f.path.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let vars = vs.variables();
+    let mut used = BTreeSet::new();
+    let mut names: Vec<&String> = vars.keys().collect();
+    names.sort();
+    for name in names {
+        let var = &vars[name];
+        let key = match aliases.get(name) {
+            Some(alias) if !by_key.contains_key(name) => alias,
+            _ => name,
+        };
+        let Some((fi, shape)) = by_key.get(key.as_str()) else {
+            bail!(
+                "{}: missing tensor {name} (expected shape {:?})",
+                where_(),
+                var.size()
+            );
+        };
+        let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+        if shape != var.size() {
+            bail!(
+                "{}: tensor {key} has shape {shape:?}, the model expects {:?}",
+                files[*fi].path.display(),
+                var.size()
+            );
+        }
+        let t = files[*fi].tensor(key, var.kind())?;
+        tch::no_grad(|| var.shallow_clone().copy_(&t));
+        used.insert(key.as_str());
+    }
+    let unexpected: Vec<&String> = by_key
+        .keys()
+        .filter(|k| !used.contains(k.as_str()) && !ignore.contains(&k.as_str()))
+        .collect();
+    if let Some(first) = unexpected.first() {
+        bail!(
+            "{}: unexpected tensor {first} ({} unexpected in all); is this the right model/config?",
+            where_(),
+            unexpected.len()
+        );
+    }
+    Ok(())
+}
+
+/// Writes named tensors (converted to `kind`) to `path` atomically, with optional metadata.
+pub fn save(
+    tensors: &[(String, Tensor)],
+    kind: Kind,
+    metadata: Option<std::collections::HashMap<String, String>>,
+    path: &Path,
+) -> Result<()> {
+    let converted: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(n, t)| (n.clone(), t.to_kind(kind).contiguous()))
+        .collect();
+    let views: Vec<(String, TensorData)> = converted
+        .iter()
+        .map(|(n, t)| Ok((n.clone(), TensorData::new(t)?)))
+        .collect::<Result<_>>()?;
+    let bytes = safetensors::serialize(views, metadata)
+        .map_err(|e| anyhow!("serializing {}: {e}", path.display()))?;
+    crate::util::write_atomic(path, &bytes)
+}
+
+/// Owned bytes of a tensor in safetensors' view format.
+struct TensorData {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+impl TensorData {
+    fn new(t: &Tensor) -> Result<Self> {
+        let dtype = match t.kind() {
+            Kind::Float => Dtype::F32,
+            Kind::Half => Dtype::F16,
+            Kind::BFloat16 => Dtype::BF16,
+            Kind::Double => Dtype::F64,
+            Kind::Int64 => Dtype::I64,
+            Kind::Int => Dtype::I32,
+            Kind::Uint8 => Dtype::U8,
+            k => bail!("cannot save tensors of kind {k:?}"),
+        };
+        let t = t.to_device(tch::Device::Cpu).contiguous();
+        let numel = t.numel();
+        let mut data = vec![0u8; numel * t.kind().elt_size_in_bytes()];
+        t.copy_data_u8(&mut data, numel);
+        Ok(Self {
+            dtype,
+            shape: t.size().iter().map(|&d| d as usize).collect(),
+            data,
+        })
+    }
+}
+
+impl safetensors::View for TensorData {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}

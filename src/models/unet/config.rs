@@ -1,0 +1,355 @@
+//! `UNet2DConditionModel`'s config.json (diffusers `models/unets/unet_2d_condition.py`) for the
+//! SD1.x/SD2.x family, with presets. Options outside that family are rejected by
+//! [`UNetConfig::validate`] with a line naming the option.
+//!
+//! Quirk (SPEC §5): in SD1.x configs `attention_head_dim` is the **number of heads**
+//! (`num_attention_heads = num_attention_heads or attention_head_dim`).
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::nn::Activation;
+
+/// A value that configs give either once for all blocks or per block.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PerBlock<T> {
+    One(T),
+    Each(Vec<T>),
+}
+
+impl<T: Clone> PerBlock<T> {
+    /// The per-block values for `n` blocks.
+    pub fn expand(&self, name: &str, n: usize) -> Result<Vec<T>> {
+        match self {
+            Self::One(v) => Ok(vec![v.clone(); n]),
+            Self::Each(v) if v.len() == n => Ok(v.clone()),
+            Self::Each(v) => bail!("unet config: {name} has {} entries for {n} blocks", v.len()),
+        }
+    }
+}
+
+fn d_sample_size() -> i64 {
+    64
+}
+fn d_channels() -> i64 {
+    4
+}
+fn d_true() -> bool {
+    true
+}
+fn d_down() -> Vec<String> {
+    [
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+fn d_up() -> Vec<String> {
+    [
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+fn d_mid() -> Option<String> {
+    Some("UNetMidBlock2DCrossAttn".into())
+}
+fn d_block_out() -> Vec<i64> {
+    vec![320, 640, 1280, 1280]
+}
+fn d_layers() -> PerBlock<i64> {
+    PerBlock::One(2)
+}
+fn d_one_i() -> i64 {
+    1
+}
+fn d_one_f() -> f64 {
+    1.0
+}
+fn d_act() -> String {
+    "silu".into()
+}
+fn d_groups() -> Option<i64> {
+    Some(32)
+}
+fn d_eps() -> f64 {
+    1e-5
+}
+fn d_cross() -> PerBlock<i64> {
+    PerBlock::One(1280)
+}
+fn d_tlayers() -> PerBlock<i64> {
+    PerBlock::One(1)
+}
+fn d_head_dim() -> PerBlock<i64> {
+    PerBlock::One(8)
+}
+fn d_false_pb() -> PerBlock<bool> {
+    PerBlock::One(false)
+}
+fn d_default() -> String {
+    "default".into()
+}
+fn d_positional() -> String {
+    "positional".into()
+}
+fn d_kernel() -> i64 {
+    3
+}
+
+/// diffusers' `UNet2DConditionModel` config (field names and defaults as in diffusers).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UNetConfig {
+    #[serde(default = "d_sample_size")]
+    pub sample_size: i64,
+    #[serde(default = "d_channels")]
+    pub in_channels: i64,
+    #[serde(default = "d_channels")]
+    pub out_channels: i64,
+    #[serde(default)]
+    pub center_input_sample: bool,
+    #[serde(default = "d_true")]
+    pub flip_sin_to_cos: bool,
+    #[serde(default)]
+    pub freq_shift: f64,
+    #[serde(default = "d_down")]
+    pub down_block_types: Vec<String>,
+    #[serde(default = "d_mid")]
+    pub mid_block_type: Option<String>,
+    #[serde(default = "d_up")]
+    pub up_block_types: Vec<String>,
+    #[serde(default = "d_false_pb")]
+    pub only_cross_attention: PerBlock<bool>,
+    #[serde(default = "d_block_out")]
+    pub block_out_channels: Vec<i64>,
+    #[serde(default = "d_layers")]
+    pub layers_per_block: PerBlock<i64>,
+    #[serde(default = "d_one_i")]
+    pub downsample_padding: i64,
+    #[serde(default = "d_one_f")]
+    pub mid_block_scale_factor: f64,
+    #[serde(default = "d_act")]
+    pub act_fn: String,
+    #[serde(default = "d_groups")]
+    pub norm_num_groups: Option<i64>,
+    #[serde(default = "d_eps")]
+    pub norm_eps: f64,
+    #[serde(default = "d_cross")]
+    pub cross_attention_dim: PerBlock<i64>,
+    #[serde(default = "d_tlayers")]
+    pub transformer_layers_per_block: PerBlock<i64>,
+    #[serde(default = "d_head_dim")]
+    pub attention_head_dim: PerBlock<i64>,
+    #[serde(default)]
+    pub num_attention_heads: Option<PerBlock<i64>>,
+    #[serde(default)]
+    pub dual_cross_attention: bool,
+    #[serde(default)]
+    pub use_linear_projection: bool,
+    #[serde(default)]
+    pub upcast_attention: bool,
+    #[serde(default = "d_default")]
+    pub resnet_time_scale_shift: String,
+    #[serde(default = "d_positional")]
+    pub time_embedding_type: String,
+    #[serde(default = "d_kernel")]
+    pub conv_in_kernel: i64,
+    #[serde(default = "d_kernel")]
+    pub conv_out_kernel: i64,
+    // Options of other UNet families; any non-null value is rejected by `validate`.
+    #[serde(default)]
+    pub class_embed_type: Option<String>,
+    #[serde(default)]
+    pub addition_embed_type: Option<String>,
+    #[serde(default)]
+    pub num_class_embeds: Option<i64>,
+    #[serde(default)]
+    pub encoder_hid_dim: Option<i64>,
+    #[serde(default)]
+    pub time_cond_proj_dim: Option<i64>,
+    #[serde(default)]
+    pub time_embedding_dim: Option<i64>,
+    #[serde(default)]
+    pub timestep_post_act: Option<String>,
+    #[serde(default)]
+    pub cross_attention_norm: Option<String>,
+    #[serde(default)]
+    pub reverse_transformer_layers_per_block: Option<serde_json::Value>,
+    #[serde(default)]
+    pub attention_type: Option<String>,
+}
+
+/// The resolved, per-block view of a config that the model is built from.
+#[derive(Debug, Clone)]
+pub struct UNetLayout {
+    pub heads: Vec<i64>,
+    pub layers: Vec<i64>,
+    pub cross_dims: Vec<i64>,
+    pub transformer_layers: Vec<i64>,
+    pub groups: i64,
+    pub act: Activation,
+}
+
+impl UNetConfig {
+    /// Stable Diffusion 1.5's `unet/config.json` (runwayml/stable-diffusion-v1-5).
+    pub fn sd15() -> Self {
+        Self {
+            sample_size: 64,
+            cross_attention_dim: PerBlock::One(768),
+            ..Self::base()
+        }
+    }
+
+    /// Stable Diffusion 2.1's UNet (stabilityai/stable-diffusion-2-1): per-block head dims
+    /// (5,10,20,20), linear projections, 1024-wide text states.
+    pub fn sd21() -> Self {
+        Self {
+            sample_size: 96,
+            cross_attention_dim: PerBlock::One(1024),
+            attention_head_dim: PerBlock::Each(vec![5, 10, 20, 20]),
+            use_linear_projection: true,
+            upcast_attention: true,
+            ..Self::base()
+        }
+    }
+
+    /// A tiny SD1.x-shaped UNet for tests: channels (32, 64), one cross-attention level.
+    pub fn tiny() -> Self {
+        Self {
+            sample_size: 8,
+            block_out_channels: vec![32, 64],
+            down_block_types: vec!["CrossAttnDownBlock2D".into(), "DownBlock2D".into()],
+            up_block_types: vec!["UpBlock2D".into(), "CrossAttnUpBlock2D".into()],
+            layers_per_block: PerBlock::One(1),
+            cross_attention_dim: PerBlock::One(32),
+            attention_head_dim: PerBlock::One(2),
+            norm_num_groups: Some(16),
+            ..Self::base()
+        }
+    }
+
+    /// diffusers' defaults, i.e. what an empty config.json means.
+    fn base() -> Self {
+        serde_json::from_str("{}").expect("all fields have defaults")
+    }
+
+    pub fn from_json(value: serde_json::Value) -> Result<Self> {
+        let cfg: Self =
+            serde_json::from_value(value).map_err(|e| anyhow::anyhow!("unet/config.json: {e}"))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Rejects configs outside the SD1.x/SD2.x UNet family, naming the option.
+    pub fn validate(&self) -> Result<UNetLayout> {
+        let n = self.block_out_channels.len();
+        if n == 0 {
+            bail!("unet config: block_out_channels is empty");
+        }
+        if self.down_block_types.len() != n || self.up_block_types.len() != n {
+            bail!(
+                "unet config: {} down and {} up block types for {n} block_out_channels",
+                self.down_block_types.len(),
+                self.up_block_types.len()
+            );
+        }
+        for t in &self.down_block_types {
+            if t != "CrossAttnDownBlock2D" && t != "DownBlock2D" {
+                bail!("unet config: unsupported down block type {t:?}");
+            }
+        }
+        for t in &self.up_block_types {
+            if t != "CrossAttnUpBlock2D" && t != "UpBlock2D" {
+                bail!("unet config: unsupported up block type {t:?}");
+            }
+        }
+        match self.mid_block_type.as_deref() {
+            Some("UNetMidBlock2DCrossAttn") => {}
+            other => bail!("unet config: unsupported mid_block_type {other:?}"),
+        }
+        let unsupported = [
+            ("class_embed_type", self.class_embed_type.is_some()),
+            ("addition_embed_type", self.addition_embed_type.is_some()),
+            ("num_class_embeds", self.num_class_embeds.is_some()),
+            ("encoder_hid_dim", self.encoder_hid_dim.is_some()),
+            ("time_cond_proj_dim", self.time_cond_proj_dim.is_some()),
+            ("time_embedding_dim", self.time_embedding_dim.is_some()),
+            ("timestep_post_act", self.timestep_post_act.is_some()),
+            ("cross_attention_norm", self.cross_attention_norm.is_some()),
+            (
+                "reverse_transformer_layers_per_block",
+                self.reverse_transformer_layers_per_block
+                    .as_ref()
+                    .is_some_and(|v| !v.is_null()),
+            ),
+            ("dual_cross_attention", self.dual_cross_attention),
+            ("center_input_sample", self.center_input_sample),
+            (
+                "attention_type",
+                self.attention_type
+                    .as_deref()
+                    .is_some_and(|t| t != "default"),
+            ),
+            (
+                "resnet_time_scale_shift",
+                self.resnet_time_scale_shift != "default",
+            ),
+            (
+                "time_embedding_type",
+                self.time_embedding_type != "positional",
+            ),
+            ("conv_in_kernel", self.conv_in_kernel != 3),
+            ("conv_out_kernel", self.conv_out_kernel != 3),
+        ];
+        if let Some((name, _)) = unsupported.iter().find(|(_, bad)| *bad) {
+            bail!("unet config: {name} is not supported (SD1.x/SD2.x UNets only)");
+        }
+        if self
+            .only_cross_attention
+            .expand("only_cross_attention", n)?
+            .contains(&true)
+        {
+            bail!("unet config: only_cross_attention is not supported");
+        }
+        let heads = self
+            .num_attention_heads
+            .as_ref()
+            .unwrap_or(&self.attention_head_dim)
+            .expand("attention_head_dim", n)?;
+        let layout = UNetLayout {
+            layers: self.layers_per_block.expand("layers_per_block", n)?,
+            cross_dims: self.cross_attention_dim.expand("cross_attention_dim", n)?,
+            transformer_layers: self
+                .transformer_layers_per_block
+                .expand("transformer_layers_per_block", n)?,
+            groups: self.norm_num_groups.unwrap_or(32),
+            act: Activation::parse(&self.act_fn)?,
+            heads,
+        };
+        for (i, &c) in self.block_out_channels.iter().enumerate() {
+            if c <= 0 || c % layout.groups != 0 {
+                bail!(
+                    "unet config: block_out_channels[{i}] = {c} is not divisible by norm_num_groups {}",
+                    layout.groups
+                );
+            }
+            if layout.heads[i] <= 0 || c % layout.heads[i] != 0 {
+                bail!(
+                    "unet config: block_out_channels[{i}] = {c} is not divisible by {} heads",
+                    layout.heads[i]
+                );
+            }
+        }
+        if layout.layers.iter().any(|&l| l < 1) || layout.transformer_layers.iter().any(|&l| l < 1)
+        {
+            bail!("unet config: layers_per_block and transformer_layers_per_block must be ≥ 1");
+        }
+        Ok(layout)
+    }
+}
