@@ -11,5 +11,6 @@ pub mod lora;
 pub mod models;
 pub mod nn;
 pub mod pipeline;
+pub mod train;
 
 pub mod util;

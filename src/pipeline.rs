@@ -5,6 +5,11 @@
 //! separately), initial latents `randn(seed) · init_noise_sigma` from the CPU generator, then per
 //! timestep `scale_model_input → UNet on [uncond; cond] → ε_u + g·(ε_c − ε_u) → scheduler.step`,
 //! and `VAE.decode(latents / scaling_factor)`.
+//!
+//! With a LoRA, every row carries its own LoRA (per-sample, [`LoraSet::batch`]): plain CFG applies
+//! it to both rows as diffusers' `load_lora_weights` does; Hybrid-Model CFG (paper §4.2, appendix
+//! A.2, SPEC §2) runs the rows (∅, base), (c_G, base), (c_S, LoRA) in ONE UNet call and combines
+//! ε̃ = ε₀(x,∅) + g·(κ·ε_θ(x,c_S) + (2−κ)·ε₀(x,c_G) − 2·ε₀(x,∅)).
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -12,6 +17,7 @@ use tch::{nn::VarStore, Device, Kind, Tensor};
 
 use crate::diffusion::{self, Scheduler, SchedulerConfig, SchedulerKind};
 use crate::io::DiffusersFolder;
+use crate::lora::LoraSet;
 use crate::models::clip_text::ClipTextModel;
 use crate::models::tokenizer::ClipTokenizer;
 use crate::models::unet::UNet2DConditionModel;
@@ -42,6 +48,43 @@ pub struct GenerateRequest {
     pub seed: u64,
     pub height: Option<i64>,
     pub width: Option<i64>,
+    /// A LoRA for the UNet's attn2 sites (personalized rows).
+    pub lora: Option<LoraSet>,
+    /// User scale on top of alpha/r (diffusers' `cross_attention_kwargs={"scale": s}`).
+    pub lora_scale: f64,
+    /// c_G, the prompt without the subject token: switches to HM-CFG (needs `lora`).
+    pub generic_prompt: Option<String>,
+    /// HM-CFG's κ ∈ [0, 2]: weight of the personalized model (1 = the paper's default).
+    pub kappa: f64,
+}
+
+/// How the UNet rows of one step are combined.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Guidance {
+    /// One row (guidance_scale ≤ 1).
+    None,
+    /// Rows [∅, c]: ε_u + g·(ε_c − ε_u).
+    Cfg { scale: f64 },
+    /// Rows [∅ base, c_G base, c_S LoRA]: ε₀(∅) + g·(κ·ε_θ(c_S) + (2−κ)·ε₀(c_G) − 2·ε₀(∅)).
+    HmCfg { scale: f64, kappa: f64 },
+}
+
+impl Guidance {
+    /// Combines the UNet output `[rows, C, h, w]` into one `[1, C, h, w]` prediction.
+    pub fn combine(self, eps: &Tensor) -> Tensor {
+        match self {
+            Guidance::None => eps.shallow_clone(),
+            Guidance::Cfg { scale } => {
+                let e = eps.chunk(2, 0);
+                &e[0] + (&e[1] - &e[0]) * scale
+            }
+            Guidance::HmCfg { scale, kappa } => {
+                let e = eps.chunk(3, 0);
+                let (uncond, generic, subject) = (&e[0], &e[1], &e[2]);
+                uncond + (subject * kappa + generic * (2.0 - kappa) - uncond * 2.0) * scale
+            }
+        }
+    }
 }
 
 impl GenerateRequest {
@@ -55,6 +98,25 @@ impl GenerateRequest {
             seed: 0,
             height: None,
             width: None,
+            lora: None,
+            lora_scale: 1.0,
+            generic_prompt: None,
+            kappa: 1.0,
+        }
+    }
+
+    pub fn guidance(&self) -> Guidance {
+        if self.generic_prompt.is_some() {
+            Guidance::HmCfg {
+                scale: self.guidance_scale,
+                kappa: self.kappa,
+            }
+        } else if self.guidance_scale > 1.0 {
+            Guidance::Cfg {
+                scale: self.guidance_scale,
+            }
+        } else {
+            Guidance::None
         }
     }
 }
@@ -126,6 +188,20 @@ impl StableDiffusion {
         if !req.guidance_scale.is_finite() {
             bail!("--guidance-scale must be a finite number");
         }
+        if !req.lora_scale.is_finite() {
+            bail!("--lora-scale must be a finite number");
+        }
+        if req.generic_prompt.is_some() {
+            if req.lora.is_none() {
+                bail!("--generic-prompt (HM-CFG) needs --lora: it mixes the base and the personalized model");
+            }
+            if !(0.0..=2.0).contains(&req.kappa) {
+                bail!("--kappa must be in [0, 2], got {}", req.kappa);
+            }
+        }
+        if let Some(lora) = &req.lora {
+            lora.validate(self.unet.lora_sites())?;
+        }
         Ok((h, w))
     }
 
@@ -138,17 +214,34 @@ impl StableDiffusion {
     ) -> Result<Tensor> {
         let (h, w) = self.validate(req)?;
         let mut scheduler = self.scheduler(req.scheduler, req.steps)?;
+        let guidance = req.guidance();
+        // The latents (and Euler-a's noise) come from the seeded global generator.
+        let _rng = crate::util::rng_lock();
+        let lora = req.lora.as_ref().map(|l| l.to_device(self.device));
         tch::no_grad(|| {
-            // 1. Text states; CFG iff guidance_scale > 1 (diffusers' do_classifier_free_guidance).
-            let cfg = req.guidance_scale > 1.0;
-            let cond = self.encode_prompt(&req.prompt)?;
-            let ctx = if cfg {
-                let uncond = self.encode_prompt(req.negative_prompt.as_deref().unwrap_or(""))?;
-                // [uncond; cond]: [2, 77, D]
-                Tensor::cat(&[uncond, cond], 0)
-            } else {
-                cond
+            // 1. Text states and the LoRA of each row (diffusers encodes each prompt on its own).
+            let uncond = || self.encode_prompt(req.negative_prompt.as_deref().unwrap_or(""));
+            let personal = lora.as_ref().map(|l| (l, req.lora_scale));
+            let (ctx, rows) = match guidance {
+                Guidance::None => (self.encode_prompt(&req.prompt)?, vec![personal]),
+                // [∅; c]: [2, 77, D]
+                Guidance::Cfg { .. } => (
+                    Tensor::cat(&[uncond()?, self.encode_prompt(&req.prompt)?], 0),
+                    vec![personal, personal],
+                ),
+                // [∅; c_G; c_S]: [3, 77, D]
+                Guidance::HmCfg { .. } => {
+                    let generic = req.generic_prompt.as_deref().unwrap_or_default();
+                    let rows = [
+                        uncond()?,
+                        self.encode_prompt(generic)?,
+                        self.encode_prompt(&req.prompt)?,
+                    ];
+                    (Tensor::cat(&rows, 0), vec![None, None, personal])
+                }
             };
+            let lora_batch = lora.is_some().then(|| LoraSet::batch(&rows));
+            let n_rows = rows.len() as i64;
 
             // 2. Initial latents from the seeded CPU generator (diffusers' randn_tensor).
             let f = self.vae.config().scale_factor();
@@ -162,16 +255,11 @@ impl StableDiffusion {
             let timesteps = scheduler.timesteps().to_vec();
             for (i, &t) in timesteps.iter().enumerate() {
                 let x = scheduler.scale_model_input(&latents, i);
-                // [1, C, h, w] → [2, C, h, w] with CFG
-                let x = if cfg { Tensor::cat(&[&x, &x], 0) } else { x };
+                // [1, C, h, w] → [rows, C, h, w]
+                let x = x.expand([n_rows, -1, -1, -1], false).contiguous();
                 let t = Tensor::from(t as f32).to_device(self.device);
-                let eps = self.unet.forward(&x, &t, &ctx, None)?;
-                let eps = if cfg {
-                    let e = eps.chunk(2, 0);
-                    &e[0] + (&e[1] - &e[0]) * req.guidance_scale
-                } else {
-                    eps
-                };
+                let eps = self.unet.forward(&x, &t, &ctx, lora_batch.as_ref())?;
+                let eps = guidance.combine(&eps);
                 latents = scheduler.step(&eps, i, &latents)?;
                 progress(i + 1, timesteps.len());
             }

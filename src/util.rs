@@ -45,3 +45,11 @@ pub fn init_threads() {
         .unwrap_or(1);
     tch::set_num_threads(n as i32);
 }
+
+/// libtorch has one global CPU generator (tch exposes no generator objects). Every seeded
+/// sequence of draws (a generation, a training run) holds this lock so concurrent callers in one
+/// process cannot interleave their draws; it is re-entrant, so nested seeded work is fine.
+pub fn rng_lock() -> parking_lot::ReentrantMutexGuard<'static, ()> {
+    static LOCK: parking_lot::ReentrantMutex<()> = parking_lot::ReentrantMutex::new(());
+    LOCK.lock()
+}

@@ -49,6 +49,7 @@ fn images_match_diffusers() {
                 seed: case.seed,
                 height: case.height,
                 width: case.width,
+                ..GenerateRequest::new("")
             };
             let image = pipe.generate(&req, |_, _| {}).unwrap();
             let (_, _, ours) = to_rgb8(&image).unwrap();

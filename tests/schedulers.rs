@@ -174,6 +174,7 @@ fn trajectories_match() -> Result<()> {
                 (Err(e), None) => panic!("{what}: {e:#}"),
             };
             // The pipeline's order: seed, initial latents, then the sampler's own draws.
+            let _rng = loracast::util::rng_lock();
             tch::manual_seed(seed);
             let x = Tensor::randn(&shape[..], (Kind::Float, Device::Cpu));
             assert_eq!(

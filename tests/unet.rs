@@ -54,6 +54,7 @@ fn lora_sites_follow_the_config() {
 /// with ΔW = s·B·A merged into its weights.
 #[test]
 fn per_sample_lora_equals_merged_weights() {
+    let _rng = loracast::util::rng_lock();
     tch::manual_seed(0);
     let cfg = UNetConfig::tiny();
     let vs = nn::VarStore::new(Device::Cpu);

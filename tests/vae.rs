@@ -75,6 +75,7 @@ fn parity(name: &str, scaling_factor: f64, scale_factor: i64) -> Result<()> {
                 let seed = refs
                     .metadata()?
                     .and_then(|m| m.get("sample_seed")?.parse().ok());
+                let _rng = loracast::util::rng_lock();
                 tch::manual_seed(seed.expect("sample_seed metadata"));
                 check(
                     &format!("{name} encode.0.sample"),

@@ -1,5 +1,8 @@
-//! `loracast bench unet`: times the UNet forward on a given config (random weights) and prints
-//! one JSON line. `scripts/bench_unet.py` runs diffusers on the same config and prints the ratio.
+//! Benchmarks on random weights, one JSON line each.
+//! `loracast bench unet`: the UNet forward on a config; `scripts/bench_unet.py` runs diffusers on
+//! the same config and prints the ratio.
+//! `loracast bench guidance`: time per denoising step (UNet call + combination) of CFG (2 rows),
+//! CFG with a per-sample LoRA, and HM-CFG (3 rows, LoRA on one) — issue 3's ratio.
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -7,12 +10,16 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use tch::{nn, Device, Kind, Tensor};
 
+use crate::lora::{LoraSet, LoraWeights};
 use crate::models::unet::{UNet2DConditionModel, UNetConfig};
+use crate::pipeline::Guidance;
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
     /// Time UNet2DConditionModel.forward (ε for a batch) with random weights.
     Unet(UNetBenchArgs),
+    /// Time one denoising step with CFG vs HM-CFG.
+    Guidance(UNetBenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -36,11 +43,13 @@ pub struct UNetBenchArgs {
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Unet(args) => unet(args),
+        BenchCommand::Guidance(args) => guidance(args),
     }
 }
 
-fn unet(args: UNetBenchArgs) -> Result<()> {
-    let config = match args.config.as_str() {
+/// A UNet of the requested config with random weights, and its cross-attention width.
+fn random_unet(config: &str) -> Result<(UNet2DConditionModel, nn::VarStore, i64)> {
+    let config = match config {
         "sd15" => UNetConfig::sd15(),
         "tiny" => UNetConfig::tiny(),
         path => {
@@ -61,30 +70,101 @@ fn unet(args: UNetBenchArgs) -> Result<()> {
         .find(|s| s.proj != crate::lora::Proj::Q)
         .map(|s| s.in_features as i64)
         .context("UNet has no cross-attention")?;
+    Ok((unet, vs, cross))
+}
+
+/// Median seconds of `f` over `iters` runs after `warmup`.
+fn median_time(warmup: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    let mut times = Vec::new();
+    for i in 0..warmup + iters {
+        let start = Instant::now();
+        f()?;
+        if i >= warmup {
+            times.push(start.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+fn guidance(args: UNetBenchArgs) -> Result<()> {
+    let (unet, _vs, cross) = random_unet(&args.config)?;
     let opts = (Kind::Float, Device::Cpu);
-    let x = Tensor::randn([args.batch, config.in_channels, args.size, args.size], opts);
+    // The paper's rank-3 LoRA on every attn2 q/k/v.
+    let mut lora = LoraSet::default();
+    for site in unet.lora_sites() {
+        let (i, o) = (site.in_features as i64, site.out_features as i64);
+        let w = LoraWeights {
+            a: Tensor::randn([3, i], opts) * 0.1,
+            b: Tensor::randn([o, 3], opts) * 0.1,
+            alpha: 3.0,
+        };
+        lora.weights.insert(*site, w);
+    }
+    let c = unet.config.in_channels;
+    let x = Tensor::randn([1, c, args.size, args.size], opts);
+    let t = Tensor::from(500.0f32);
+    let step = |guidance: Guidance, rows: &[Option<(&LoraSet, f64)>]| -> Result<f64> {
+        let n = rows.len() as i64;
+        let ctx = Tensor::randn([n, args.tokens, cross], opts);
+        let batch = rows
+            .iter()
+            .any(Option::is_some)
+            .then(|| LoraSet::batch(rows));
+        tch::no_grad(|| {
+            median_time(args.warmup, args.iters, || {
+                let xs = x.expand([n, -1, -1, -1], false).contiguous();
+                let eps = unet.forward(&xs, &t, &ctx, batch.as_ref())?;
+                let _ = guidance.combine(&eps).sum(Kind::Float).double_value(&[]);
+                Ok(())
+            })
+        })
+    };
+    let g = 7.5;
+    let cfg = step(Guidance::Cfg { scale: g }, &[None, None])?;
+    let cfg_lora = step(
+        Guidance::Cfg { scale: g },
+        &[Some((&lora, 1.0)), Some((&lora, 1.0))],
+    )?;
+    let hm = step(
+        Guidance::HmCfg {
+            scale: g,
+            kappa: 1.0,
+        },
+        &[None, None, Some((&lora, 1.0))],
+    )?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "config": args.config, "size": args.size, "threads": tch::get_num_threads(),
+            "cfg_s": cfg, "cfg_lora_s": cfg_lora, "hm_cfg_s": hm,
+            "hm_over_cfg": hm / cfg, "hm_over_cfg_lora": hm / cfg_lora,
+        })
+    );
+    Ok(())
+}
+
+fn unet(args: UNetBenchArgs) -> Result<()> {
+    let (unet, vs, cross) = random_unet(&args.config)?;
+    let opts = (Kind::Float, Device::Cpu);
+    let x = Tensor::randn(
+        [args.batch, unet.config.in_channels, args.size, args.size],
+        opts,
+    );
     let t = Tensor::full([args.batch], 500.0, opts);
     let ctx = Tensor::randn([args.batch, args.tokens, cross], opts);
-    let mut times = Vec::new();
-    tch::no_grad(|| -> Result<()> {
-        for i in 0..args.warmup + args.iters {
-            let start = Instant::now();
+    let median = tch::no_grad(|| {
+        median_time(args.warmup, args.iters, || {
             let eps = unet.forward(&x, &t, &ctx, None)?;
             let _ = eps.sum(Kind::Float).double_value(&[]);
-            if i >= args.warmup {
-                times.push(start.elapsed().as_secs_f64());
-            }
-        }
-        Ok(())
+            Ok(())
+        })
     })?;
-    times.sort_by(f64::total_cmp);
-    let median = times[times.len() / 2];
-    let mean = times.iter().sum::<f64>() / times.len() as f64;
     println!(
         "{}",
         serde_json::json!({
             "impl": "loracast", "batch": args.batch, "size": args.size,
-            "threads": tch::get_num_threads(), "median_s": median, "mean_s": mean,
+            "threads": tch::get_num_threads(), "median_s": median,
             "params": vs.variables().values().map(|v| v.numel()).sum::<usize>(),
         })
     );

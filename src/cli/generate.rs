@@ -73,6 +73,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         seed: args.seed,
         height: args.height,
         width: args.width,
+        ..GenerateRequest::new("")
     };
     let start = Instant::now();
     let pipe = StableDiffusion::load(&args.base, device)?;

@@ -1,0 +1,315 @@
+//! The training loop every trainer shares (base model, VAE, evaluators, hypernetwork):
+//! AdamW with constant LR after linear warm-up, optional gradient clipping, a metrics log
+//! (`DIR/metrics.jsonl`), a progress bar, atomic checkpoints (`DIR/checkpoint.safetensors`:
+//! weights + optimizer moments + step + config), exact resume, and a NaN guard.
+//!
+//! Exact resume by construction: every random draw of step `k` comes from generators seeded
+//! with [`step_seed`]`(seed, k)` (the global torch generator is re-seeded at each step, data
+//! sampling takes the same seed), so a resumed run repeats the uninterrupted one bit for bit at
+//! the same thread count.
+pub mod optim;
+
+pub use optim::AdamW;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use tch::{nn::VarStore, Kind, Tensor};
+
+use crate::io::safetensors::{load_strict, save, SafeTensorsFile};
+
+/// Optimizer and schedule settings of a run (part of every trainer's config file).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoopConfig {
+    pub steps: u64,
+    pub lr: f64,
+    #[serde(default)]
+    pub warmup: u64,
+    #[serde(default)]
+    pub weight_decay: f64,
+    #[serde(default)]
+    pub grad_clip: Option<f64>,
+    #[serde(default = "d_every")]
+    pub checkpoint_every: u64,
+    #[serde(default = "d_log")]
+    pub log_every: u64,
+    #[serde(default)]
+    pub seed: u64,
+}
+
+fn d_every() -> u64 {
+    500
+}
+fn d_log() -> u64 {
+    50
+}
+
+impl LoopConfig {
+    /// A few steps, for tests.
+    pub fn tiny() -> Self {
+        Self {
+            steps: 8,
+            lr: 1e-3,
+            warmup: 2,
+            weight_decay: 0.0,
+            grad_clip: Some(1.0),
+            checkpoint_every: 4,
+            log_every: 2,
+            seed: 0,
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.steps == 0 || self.checkpoint_every == 0 || self.log_every == 0 {
+            bail!("steps, checkpoint_every and log_every must be ≥ 1");
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) || !self.weight_decay.is_finite() {
+            bail!("lr must be a positive number and weight_decay finite");
+        }
+        Ok(())
+    }
+
+    /// Constant LR after a linear warm-up (diffusers' `constant_with_warmup`).
+    pub fn lr_at(&self, step: u64) -> f64 {
+        if self.warmup == 0 {
+            self.lr
+        } else {
+            self.lr * ((step + 1) as f64 / self.warmup as f64).min(1.0)
+        }
+    }
+}
+
+/// SplitMix64 of (seed, step): the seed of every random draw of one step.
+pub fn step_seed(seed: u64, step: u64) -> u64 {
+    let mut z = seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    (z ^ (z >> 31)) & (i64::MAX as u64)
+}
+
+/// What one training step returns: the loss to minimize and extra scalars to log.
+pub struct StepOutput {
+    pub loss: Tensor,
+    pub metrics: Vec<(&'static str, f64)>,
+}
+
+/// The outcome of [`train`].
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub start_step: u64,
+    pub steps: u64,
+    /// (step, mean loss) at every log point of this run.
+    pub losses: Vec<(u64, f64)>,
+    pub seconds: f64,
+}
+
+pub fn checkpoint_path(dir: &Path) -> PathBuf {
+    dir.join("checkpoint.safetensors")
+}
+
+/// Runs (or resumes) a training loop writing into `dir`.
+///
+/// `config` is the trainer's whole config; a resumed run must have the same one. `step_fn(k)`
+/// computes the loss of step `k` (draw data with [`step_seed`]`(cfg.seed, k)`).
+pub fn train(
+    dir: &Path,
+    cfg: &LoopConfig,
+    config: &serde_json::Value,
+    vs: &mut VarStore,
+    resume: bool,
+    label: &str,
+    mut step_fn: impl FnMut(u64) -> Result<StepOutput>,
+) -> Result<Summary> {
+    cfg.validate()?;
+    // Every step re-seeds the global generator: keep other seeded work out meanwhile.
+    let _rng = crate::util::rng_lock();
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let ckpt = checkpoint_path(dir);
+    let metrics_path = dir.join("metrics.jsonl");
+    let mut opt = AdamW::new(vs, cfg.weight_decay);
+    let mut start = 0;
+    if ckpt.exists() {
+        if !resume {
+            bail!(
+                "{} already holds a checkpoint: pass --resume to continue it, or choose another --out",
+                dir.display()
+            );
+        }
+        start = load_checkpoint(&ckpt, config, vs, &mut opt)?;
+        truncate_metrics(&metrics_path, start)?;
+    } else if metrics_path.exists() {
+        std::fs::remove_file(&metrics_path).ok();
+    }
+    let begin = Instant::now();
+    let bar = ProgressBar::new(cfg.steps).with_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed}<{eta} {per_sec}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_position(start);
+    bar.set_message(label.to_string());
+    let mut window: Vec<f64> = Vec::new();
+    let mut extra: Vec<(&'static str, f64)> = Vec::new();
+    let mut losses = Vec::new();
+    let mut last_ckpt = start;
+    for step in start..cfg.steps {
+        tch::manual_seed(step_seed(cfg.seed, step) as i64);
+        opt.zero_grad();
+        let out = step_fn(step)?;
+        let loss = out.loss.double_value(&[]);
+        if !loss.is_finite() {
+            bar.abandon();
+            bail!(
+                "loss is {loss} at step {step}: training stopped; the last good checkpoint (step {last_ckpt}) is kept in {}",
+                dir.display()
+            );
+        }
+        out.loss.backward();
+        let norm = match cfg.grad_clip {
+            Some(max) => opt.clip_grad_norm(max),
+            None => 0.0,
+        };
+        if !norm.is_finite() {
+            bar.abandon();
+            bail!(
+                "gradient norm is {norm} at step {step}: training stopped; the last good checkpoint (step {last_ckpt}) is kept in {}",
+                dir.display()
+            );
+        }
+        opt.step(cfg.lr_at(step));
+        window.push(loss);
+        for (k, v) in out.metrics {
+            match extra.iter_mut().find(|(n, _)| *n == k) {
+                Some(e) => e.1 += v,
+                None => extra.push((k, v)),
+            }
+        }
+        let done = step + 1;
+        bar.set_position(done);
+        if done % cfg.log_every == 0 || done == cfg.steps {
+            let n = window.len() as f64;
+            let mean = window.iter().sum::<f64>() / n;
+            let mut line = serde_json::json!({
+                "step": done, "loss": mean, "lr": cfg.lr_at(step), "grad_norm": norm,
+                "elapsed_s": begin.elapsed().as_secs_f64(),
+            });
+            for (k, v) in &extra {
+                line[*k] = serde_json::json!(v / n);
+            }
+            append_line(&metrics_path, &line)?;
+            bar.set_message(format!("{label} loss {mean:.4}"));
+            losses.push((done, mean));
+            window.clear();
+            extra.clear();
+        }
+        if done % cfg.checkpoint_every == 0 || done == cfg.steps {
+            save_checkpoint(&ckpt, config, vs, &opt, done)?;
+            last_ckpt = done;
+        }
+    }
+    bar.finish_and_clear();
+    Ok(Summary {
+        start_step: start,
+        steps: cfg.steps,
+        losses,
+        seconds: begin.elapsed().as_secs_f64(),
+    })
+}
+
+fn save_checkpoint(
+    path: &Path,
+    config: &serde_json::Value,
+    vs: &VarStore,
+    opt: &AdamW,
+    step: u64,
+) -> Result<()> {
+    let mut tensors: Vec<(String, Tensor)> = tch::no_grad(|| {
+        vs.variables()
+            .into_iter()
+            .map(|(n, t)| (n, t.detach()))
+            .collect()
+    });
+    tensors.extend(opt.state());
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let meta = [
+        ("format".to_string(), "loracast-checkpoint-v1".to_string()),
+        ("step".to_string(), step.to_string()),
+        ("config".to_string(), config.to_string()),
+    ]
+    .into_iter()
+    .collect();
+    save(&tensors, Kind::Float, Some(meta), path)
+}
+
+/// Restores weights and optimizer state; returns the step to continue from.
+fn load_checkpoint(
+    path: &Path,
+    config: &serde_json::Value,
+    vs: &mut VarStore,
+    opt: &mut AdamW,
+) -> Result<u64> {
+    let file = SafeTensorsFile::open(path)?;
+    let meta = file.metadata()?.unwrap_or_default();
+    if meta.get("format").map(String::as_str) != Some("loracast-checkpoint-v1") {
+        bail!("{} is not a loracast training checkpoint", path.display());
+    }
+    let step: u64 = meta
+        .get("step")
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("{}: no step in the metadata", path.display()))?;
+    let saved: serde_json::Value = meta
+        .get("config")
+        .and_then(|c| serde_json::from_str(c).ok())
+        .with_context(|| format!("{}: no config in the metadata", path.display()))?;
+    if &saved != config {
+        bail!(
+            "{} was written with a different config; resume with the same config file",
+            path.display()
+        );
+    }
+    let names = file
+        .tensors()
+        .names()
+        .into_iter()
+        .map(str::to_string)
+        .collect::<Vec<_>>();
+    let ignore: Vec<&str> = names
+        .iter()
+        .filter(|n| n.starts_with("adam_m.") || n.starts_with("adam_v."))
+        .map(String::as_str)
+        .collect();
+    load_strict(vs, std::slice::from_ref(&file), &ignore)?;
+    opt.load_state(&file, step as i64)?;
+    Ok(step)
+}
+
+fn append_line(path: &Path, value: &serde_json::Value) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    writeln!(f, "{value}").with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Drops metric lines written after the checkpoint a run resumes from.
+fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    crate::util::write_atomic(path, kept.as_bytes())
+}
