@@ -5,7 +5,9 @@
 //! UNet, VAE) → `lora` (the per-sample LoRA seam on attn2 q/k/v) → `diffusion` (noise schedules
 //! and samplers) → `pipeline` (the explicit denoising loop with CFG) → `cli`.
 pub mod cli;
+pub mod data;
 pub mod diffusion;
+pub mod eval;
 pub mod io;
 pub mod lora;
 pub mod models;

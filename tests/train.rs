@@ -143,7 +143,7 @@ fn nan_guard_keeps_the_last_good_checkpoint() {
         |k| {
             let mut out = step(&m, k)?;
             if k == 6 {
-                out.loss = out.loss * f64::NAN;
+                out.loss *= f64::NAN;
             }
             Ok(out)
         },

@@ -38,6 +38,9 @@ pub struct UNetBenchArgs {
     pub iters: usize,
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
+    /// Time a training step (forward + backward of mean ε²) instead of a forward.
+    #[arg(long)]
+    pub train: bool,
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
@@ -153,17 +156,26 @@ fn unet(args: UNetBenchArgs) -> Result<()> {
     );
     let t = Tensor::full([args.batch], 500.0, opts);
     let ctx = Tensor::randn([args.batch, args.tokens, cross], opts);
-    let median = tch::no_grad(|| {
+    let median = if args.train {
         median_time(args.warmup, args.iters, || {
-            let eps = unet.forward(&x, &t, &ctx, None)?;
-            let _ = eps.sum(Kind::Float).double_value(&[]);
+            let loss = unet.forward(&x, &t, &ctx, None)?.square().mean(Kind::Float);
+            loss.backward();
+            let _ = loss.double_value(&[]);
             Ok(())
-        })
-    })?;
+        })?
+    } else {
+        tch::no_grad(|| {
+            median_time(args.warmup, args.iters, || {
+                let eps = unet.forward(&x, &t, &ctx, None)?;
+                let _ = eps.sum(Kind::Float).double_value(&[]);
+                Ok(())
+            })
+        })?
+    };
     println!(
         "{}",
         serde_json::json!({
-            "impl": "loracast", "batch": args.batch, "size": args.size,
+            "impl": "loracast", "batch": args.batch, "size": args.size, "train": args.train,
             "threads": tch::get_num_threads(), "median_s": median,
             "params": vs.variables().values().map(|v| v.numel()).sum::<usize>(),
         })

@@ -4,13 +4,14 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use tch::Device;
 
 use crate::diffusion::SchedulerKind;
 use crate::io::image::{to_rgb8, write_png};
+use crate::lora::format::{layers_per_block, read_lora};
 use crate::pipeline::{GenerateRequest, StableDiffusion};
 
 #[derive(Args, Debug)]
@@ -45,6 +46,44 @@ pub struct GenerateArgs {
     /// cpu or cuda.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// LoRA file (PEFT, old diffusers, kohya) or a folder with pytorch_lora_weights.safetensors.
+    #[arg(long)]
+    pub lora: Option<PathBuf>,
+    /// LoRA strength on top of alpha/r (diffusers' cross_attention_kwargs={"scale": S}); default 1.
+    #[arg(long, allow_hyphen_values = true)]
+    pub lora_scale: Option<f64>,
+    /// c_G, the prompt without the subject token: Hybrid-Model CFG (needs --lora).
+    #[arg(long)]
+    pub generic_prompt: Option<String>,
+    /// HM-CFG weight of the personalized model, in [0, 2]; default 1.
+    #[arg(long, allow_hyphen_values = true)]
+    pub kappa: Option<f64>,
+}
+
+/// Checks the LoRA/HM-CFG flags before any heavy work.
+fn check_lora_flags(args: &GenerateArgs) -> Result<()> {
+    if args.lora.is_none() {
+        if args.generic_prompt.is_some() {
+            bail!("--generic-prompt (HM-CFG) needs --lora: it mixes the base and the personalized model");
+        }
+        if args.lora_scale.is_some() {
+            bail!("--lora-scale needs --lora");
+        }
+    }
+    if args.kappa.is_some() && args.generic_prompt.is_none() {
+        bail!("--kappa needs --generic-prompt (it weights HM-CFG's personalized model)");
+    }
+    if let Some(s) = args.lora_scale {
+        if !s.is_finite() {
+            bail!("--lora-scale must be a finite number, got {s}");
+        }
+    }
+    if let Some(k) = args.kappa {
+        if !(0.0..=2.0).contains(&k) {
+            bail!("--kappa must be in [0, 2], got {k}");
+        }
+    }
+    Ok(())
 }
 
 pub fn parse_device(name: &str) -> Result<Device> {
@@ -57,14 +96,21 @@ pub fn parse_device(name: &str) -> Result<Device> {
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
+    check_lora_flags(&args)?;
     let out = super::check_output(&args.out, "png", args.force)?;
+    // Read the LoRA once without the UNet weights (bad keys, NaN/Inf, truncation) before
+    // loading the model; the UNet config gives the block layout of LDM-layout names.
+    if let Some(lora) = &args.lora {
+        let lpb = super::lora::unet_layers_per_block(&args.base)?;
+        read_lora(lora, None, lpb)?;
+    }
     let scheduler = args
         .scheduler
         .as_deref()
         .map(SchedulerKind::from_cli_name)
         .transpose()?;
     let device = parse_device(&args.device)?;
-    let req = GenerateRequest {
+    let mut req = GenerateRequest {
         prompt: args.prompt,
         negative_prompt: args.negative_prompt,
         guidance_scale: args.guidance_scale,
@@ -73,10 +119,25 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         seed: args.seed,
         height: args.height,
         width: args.width,
+        generic_prompt: args.generic_prompt,
+        kappa: args.kappa.unwrap_or(1.0),
+        lora_scale: args.lora_scale.unwrap_or(1.0),
         ..GenerateRequest::new("")
     };
     let start = Instant::now();
     let pipe = StableDiffusion::load(&args.base, device)?;
+    if let Some(lora) = &args.lora {
+        // Against this UNet's sites and block layout: errors name the key and both shapes.
+        let lpb = layers_per_block(&pipe.unet.config);
+        let (set, info) = read_lora(lora, Some(pipe.unet.lora_sites()), lpb)?;
+        eprintln!(
+            "LoRA {} ({}, {} sites)",
+            info.path.display(),
+            info.format,
+            set.weights.len()
+        );
+        req.lora = Some(set);
+    }
     pipe.validate(&req)?;
     // Build the scheduler once up front so a bad --scheduler/config fails before any work.
     pipe.scheduler(req.scheduler, req.steps)?;

@@ -2,6 +2,9 @@
 //! work, exits non-zero with one clear line on bad input, and writes outputs atomically.
 mod bench;
 mod generate;
+mod lora;
+mod train;
+mod world;
 
 use std::path::{Path, PathBuf};
 
@@ -26,6 +29,15 @@ enum Command {
     /// Benchmarks (compare with scripts/bench_unet.py).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Training recipes (toy world).
+    #[command(subcommand)]
+    Train(train::TrainCommand),
+    /// LoRA files: convert between diffusers-PEFT and kohya, describe.
+    #[command(subcommand)]
+    Lora(lora::LoraCommand),
+    /// The toy world: render subjects in contexts with captions and metadata.
+    #[command(subcommand)]
+    World(world::WorldCommand),
 }
 
 /// Runs the CLI; returns the process exit code.
@@ -39,9 +51,18 @@ pub fn main() -> i32 {
             return 0;
         }
         Err(e) => {
+            // Some clap errors name the argument on the following indented lines.
             let text = e.to_string();
-            let first = text.lines().next().unwrap_or("error: invalid arguments");
-            eprintln!("{first} (see --help)");
+            let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+            let mut msg = lines
+                .next()
+                .unwrap_or("error: invalid arguments")
+                .to_string();
+            for l in lines.take_while(|l| l.starts_with(' ')) {
+                msg.push(' ');
+                msg.push_str(l.trim());
+            }
+            eprintln!("{msg} (see --help)");
             return 2;
         }
     };
@@ -49,6 +70,9 @@ pub fn main() -> i32 {
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Bench(cmd) => bench::run(cmd),
+        Command::Train(cmd) => train::run(cmd),
+        Command::Lora(cmd) => lora::run(cmd),
+        Command::World(cmd) => world::run(cmd),
     };
     match result {
         Ok(()) => 0,

@@ -154,67 +154,63 @@ pub fn load_strict_aliased(
 }
 
 /// Writes named tensors (converted to `kind`) to `path` atomically, with optional metadata.
+///
+/// The bytes are deterministic: header keys and data are in name order (the `safetensors`
+/// crate writes metadata in HashMap order), and the header is space-padded to 8 bytes as the
+/// reference implementation does.
 pub fn save(
     tensors: &[(String, Tensor)],
     kind: Kind,
     metadata: Option<std::collections::HashMap<String, String>>,
     path: &Path,
 ) -> Result<()> {
-    let converted: Vec<(String, Tensor)> = tensors
-        .iter()
-        .map(|(n, t)| (n.clone(), t.to_kind(kind).contiguous()))
-        .collect();
-    let views: Vec<(String, TensorData)> = converted
-        .iter()
-        .map(|(n, t)| Ok((n.clone(), TensorData::new(t)?)))
-        .collect::<Result<_>>()?;
-    let bytes = safetensors::serialize(views, metadata)
-        .map_err(|e| anyhow!("serializing {}: {e}", path.display()))?;
-    crate::util::write_atomic(path, &bytes)
+    crate::util::write_atomic(path, &serialize(tensors, kind, metadata)?)
 }
 
-/// Owned bytes of a tensor in safetensors' view format.
-struct TensorData {
-    dtype: Dtype,
-    shape: Vec<usize>,
-    data: Vec<u8>,
-}
-
-impl TensorData {
-    fn new(t: &Tensor) -> Result<Self> {
-        let dtype = match t.kind() {
-            Kind::Float => Dtype::F32,
-            Kind::Half => Dtype::F16,
-            Kind::BFloat16 => Dtype::BF16,
-            Kind::Double => Dtype::F64,
-            Kind::Int64 => Dtype::I64,
-            Kind::Int => Dtype::I32,
-            Kind::Uint8 => Dtype::U8,
-            k => bail!("cannot save tensors of kind {k:?}"),
-        };
-        let t = t.to_device(tch::Device::Cpu).contiguous();
-        let numel = t.numel();
-        let mut data = vec![0u8; numel * t.kind().elt_size_in_bytes()];
-        t.copy_data_u8(&mut data, numel);
-        Ok(Self {
-            dtype,
-            shape: t.size().iter().map(|&d| d as usize).collect(),
-            data,
-        })
+/// The safetensors bytes of [`save`].
+pub fn serialize(
+    tensors: &[(String, Tensor)],
+    kind: Kind,
+    metadata: Option<std::collections::HashMap<String, String>>,
+) -> Result<Vec<u8>> {
+    let dtype = match kind {
+        Kind::Float => "F32",
+        Kind::Half => "F16",
+        Kind::BFloat16 => "BF16",
+        Kind::Double => "F64",
+        Kind::Int64 => "I64",
+        Kind::Int => "I32",
+        Kind::Uint8 => "U8",
+        k => bail!("cannot save tensors of kind {k:?}"),
+    };
+    let mut sorted: Vec<&(String, Tensor)> = tensors.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut header = serde_json::Map::new();
+    if let Some(meta) = metadata {
+        let meta: serde_json::Map<String, serde_json::Value> =
+            meta.into_iter().map(|(k, v)| (k, v.into())).collect();
+        header.insert("__metadata__".into(), meta.into());
     }
-}
-
-impl safetensors::View for TensorData {
-    fn dtype(&self) -> Dtype {
-        self.dtype
+    let mut data = Vec::new();
+    for (name, t) in sorted {
+        if header.contains_key(name) {
+            bail!("duplicate tensor name {name}");
+        }
+        let t = tch::no_grad(|| t.to_device(tch::Device::Cpu).to_kind(kind).contiguous());
+        let start = data.len();
+        let n = t.numel();
+        data.resize(start + n * kind.elt_size_in_bytes(), 0);
+        t.copy_data_u8(&mut data[start..], n);
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": dtype, "shape": t.size(), "data_offsets": [start, data.len()]}),
+        );
     }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        std::borrow::Cow::Borrowed(&self.data)
-    }
-    fn data_len(&self) -> usize {
-        self.data.len()
-    }
+    let mut head = serde_json::to_vec(&header)?;
+    head.resize(head.len().div_ceil(8) * 8, b' ');
+    let mut out = Vec::with_capacity(8 + head.len() + data.len());
+    out.extend_from_slice(&(head.len() as u64).to_le_bytes());
+    out.extend_from_slice(&head);
+    out.extend_from_slice(&data);
+    Ok(out)
 }

@@ -6,6 +6,7 @@
 //! Unlike diffusers/PEFT (one adapter for the whole batch), every batch row carries its own
 //! (A, B, scale), so base rows (scale 0) and personalized rows share one UNet call (HM-CFG).
 //! The only place these deltas are applied is [`crate::nn::Linear::forward_lora`].
+pub mod format;
 mod set;
 
 pub use set::{LoraSet, LoraWeights};

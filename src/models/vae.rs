@@ -11,7 +11,7 @@
 use std::collections::HashSet;
 
 use anyhow::{anyhow, bail, ensure, Result};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module};
 use tch::{Device, Tensor};
 
@@ -26,7 +26,7 @@ use crate::nn::{
 const EPS: f64 = 1e-6;
 
 /// `vae/config.json`; missing fields take `AutoencoderKL.__init__`'s defaults.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct VaeConfig {
     pub in_channels: i64,

@@ -7,6 +7,8 @@
 //! with [`step_seed`]`(seed, k)` (the global torch generator is re-seeded at each step, data
 //! sampling takes the same seed), so a resumed run repeats the uninterrupted one bit for bit at
 //! the same thread count.
+pub mod base;
+pub mod evaluators;
 pub mod optim;
 
 pub use optim::AdamW;
@@ -68,7 +70,7 @@ impl LoopConfig {
         if self.steps == 0 || self.checkpoint_every == 0 || self.log_every == 0 {
             bail!("steps, checkpoint_every and log_every must be ≥ 1");
         }
-        if !(self.lr.is_finite() && self.lr > 0.0) || !self.weight_decay.is_finite() {
+        if !self.lr.is_finite() || self.lr <= 0.0 || !self.weight_decay.is_finite() {
             bail!("lr must be a positive number and weight_decay finite");
         }
         Ok(())
@@ -169,10 +171,7 @@ pub fn train(
             );
         }
         out.loss.backward();
-        let norm = match cfg.grad_clip {
-            Some(max) => opt.clip_grad_norm(max),
-            None => 0.0,
-        };
+        let norm = opt.clip_grad_norm(cfg.grad_clip.unwrap_or(f64::INFINITY));
         if !norm.is_finite() {
             bar.abandon();
             bail!(
