@@ -3,6 +3,7 @@
 mod bench;
 mod generate;
 mod lora;
+mod score;
 mod train;
 mod world;
 
@@ -38,6 +39,10 @@ enum Command {
     /// The toy world: render subjects in contexts with captions and metadata.
     #[command(subcommand)]
     World(world::WorldCommand),
+    /// CLIP-I, CLIP-T and DINO of one generated image (prints JSON).
+    Score(score::ScoreArgs),
+    /// CLIP-I, CLIP-T and DINO over a DreamBench-style folder (per subject and mean).
+    ScoreBench(score::ScoreBenchArgs),
 }
 
 /// Runs the CLI; returns the process exit code.
@@ -73,6 +78,8 @@ pub fn main() -> i32 {
         Command::Train(cmd) => train::run(cmd),
         Command::Lora(cmd) => lora::run(cmd),
         Command::World(cmd) => world::run(cmd),
+        Command::Score(args) => score::run(args),
+        Command::ScoreBench(args) => score::run_bench(args),
     };
     match result {
         Ok(()) => 0,

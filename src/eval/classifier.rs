@@ -72,6 +72,8 @@ pub struct AttributeClassifier {
 
 impl AttributeClassifier {
     pub fn new(vs: nn::Path, config: &ClassifierConfig) -> Result<Self> {
+        // Random init draws from the global generator: keep seeded work elsewhere out.
+        let _rng = crate::util::rng_lock();
         config.validate()?;
         let mut convs = Vec::new();
         let mut norms = Vec::new();

@@ -2,3 +2,4 @@
 //! (never used by the method) that score subject fidelity and prompt fidelity exactly.
 pub mod classifier;
 pub mod fidelity;
+pub mod metrics;

@@ -235,12 +235,16 @@ pub struct ClipTextModel {
 impl ClipTextModel {
     /// Builds the model under `vs / "text_model"` (the hub checkpoints' key names).
     pub fn new(vs: nn::Path, cfg: &ClipTextConfig) -> Result<Self> {
+        // Random init draws from the global generator: keep seeded work elsewhere out.
+        let _rng = crate::util::rng_lock();
         Self::new_at(&vs / "text_model", cfg)
     }
 
     /// Builds the model directly under `vs` (`embeddings.…`, `encoder.…`, `final_layer_norm.…`,
     /// the key names transformers 5 saves `CLIPTextModel` with).
     pub fn new_at(vs: nn::Path, cfg: &ClipTextConfig) -> Result<Self> {
+        // Random init draws from the global generator: keep seeded work elsewhere out.
+        let _rng = crate::util::rng_lock();
         let act = cfg.validate()?;
         let emb = &vs / "embeddings";
         let init = nn::Init::Randn {

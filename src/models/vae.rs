@@ -413,6 +413,8 @@ pub struct AutoencoderKL {
 
 impl AutoencoderKL {
     pub fn new(vs: nn::Path, cfg: &VaeConfig) -> Result<Self> {
+        // Random init draws from the global generator: keep seeded work elsewhere out.
+        let _rng = crate::util::rng_lock();
         cfg.validate()?;
         let rc = ResnetConfig {
             groups: cfg.norm_num_groups,

@@ -36,6 +36,8 @@ pub struct UNet2DConditionModel {
 
 impl UNet2DConditionModel {
     pub fn new(vs: nn::Path, config: &UNetConfig) -> Result<Self> {
+        // Random init draws from the global generator: keep seeded work elsewhere out.
+        let _rng = crate::util::rng_lock();
         let layout = config.validate()?;
         let ch = &config.block_out_channels;
         let n = ch.len();
