@@ -2,46 +2,12 @@
 //! clear line, a non-zero exit, and no output file.
 mod common;
 
-use std::path::Path;
-use std::process::{Command, Output};
-
-fn loracast(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_loracast"))
-        .args(args)
-        .env("OMP_NUM_THREADS", "1")
-        .output()
-        .expect("run loracast")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// Runs a failing command: non-zero exit, a single `error:` line, no panic, nothing written.
-fn assert_fails(args: &[&str], out: &Path, needle: &str) {
-    let o = loracast(args);
-    let err = stderr(&o);
-    assert!(!o.status.success(), "{args:?} succeeded");
-    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "{args:?}: expected one line, got:\n{err}");
-    assert!(lines[0].starts_with("error: "), "{err}");
-    assert!(
-        !err.contains("panicked") && !err.contains("internal error"),
-        "{err}"
-    );
-    assert!(
-        err.contains(needle),
-        "{args:?}: {err:?} does not mention {needle:?}"
-    );
-    assert!(!out.exists(), "{args:?} left {}", out.display());
-}
-
 #[test]
 fn generate_writes_the_diffusers_image() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("a.png");
     let base = common::pipeline("tiny-a");
-    let o = loracast(&[
+    let o = common::loracast(&[
         "generate",
         "--base",
         base.to_str().unwrap(),
@@ -54,7 +20,7 @@ fn generate_writes_the_diffusers_image() {
         "--out",
         out.to_str().unwrap(),
     ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(o.status.success(), "{}", common::stderr(&o));
     let (w, h, ours) = loracast::io::image::read_png_rgb8(&out).unwrap();
     assert_eq!((w, h), (32, 32));
     // Case 0 of images_tiny-a: the folder's scheduler, seed 0, no negative prompt.
@@ -74,7 +40,7 @@ fn generate_writes_the_diffusers_image() {
     assert!(max <= 3, "max diff {max}");
 
     // The output now exists: a second run refuses to clobber it, --force overwrites.
-    let o = loracast(&[
+    let o = common::loracast(&[
         "generate",
         "--base",
         base.to_str().unwrap(),
@@ -86,7 +52,11 @@ fn generate_writes_the_diffusers_image() {
         out.to_str().unwrap(),
     ]);
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("already exists"), "{}", stderr(&o));
+    assert!(
+        common::stderr(&o).contains("already exists"),
+        "{}",
+        common::stderr(&o)
+    );
 }
 
 #[test]
@@ -102,14 +72,14 @@ fn bad_generate_inputs_fail_cleanly() {
             "generate", "--base", base, "--prompt", "p", "--steps", "2", "--out", o,
         ];
         args.extend_from_slice(extra);
-        assert_fails(&args, &out, needle);
+        common::assert_fails(&args, Some(&out), needle);
     };
     run(missing.to_str().unwrap(), &[], "no such folder");
     run(good, &["--scheduler", "lms"], "lms");
     run(good, &["--height", "30"], "multiples of 8");
     run(good, &["--steps", "0"], "--steps");
     run(good, &["--device", "tpu"], "tpu");
-    assert_fails(
+    common::assert_fails(
         &[
             "generate",
             "--base",
@@ -119,7 +89,7 @@ fn bad_generate_inputs_fail_cleanly() {
             "--out",
             dir.path().join("x.jpg").to_str().unwrap(),
         ],
-        &dir.path().join("x.jpg"),
+        Some(&dir.path().join("x.jpg")),
         ".png",
     );
 

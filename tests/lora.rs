@@ -7,7 +7,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use loracast::diffusion::SchedulerKind;
 use loracast::io::image::{read_png_rgb8, to_rgb8};
@@ -333,37 +332,6 @@ fn output_is_deterministic_and_folder_paths_work() {
     assert!(encode_lora(&set, LoraFormat::KohyaLdm).is_err());
 }
 
-fn loracast(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_loracast"))
-        .args(args)
-        .env("OMP_NUM_THREADS", "1")
-        .output()
-        .expect("run loracast")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// A failing command: non-zero exit, one `error:` line naming `needle`, nothing at `out`.
-fn assert_fails(args: &[&str], out: &Path, needle: &str) {
-    let o = loracast(args);
-    let err = stderr(&o);
-    assert!(!o.status.success(), "{args:?} succeeded");
-    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "{args:?}: expected one line, got:\n{err}");
-    assert!(lines[0].starts_with("error: "), "{err}");
-    assert!(
-        !err.contains("panicked") && !err.contains("internal error"),
-        "{err}"
-    );
-    assert!(
-        err.contains(needle),
-        "{args:?}: {err:?} does not mention {needle:?}"
-    );
-    assert!(!out.exists(), "{args:?} left {}", out.display());
-}
-
 #[test]
 fn convert_is_reproducible_and_diffusers_agreed() {
     let json = std::fs::read_to_string(common::fixtures().join("lora_convert.json")).unwrap();
@@ -383,7 +351,7 @@ fn convert_is_reproducible_and_diffusers_agreed() {
             .join(format!("{}.{}.safetensors", e.source, e.format));
         let input = common::fixtures().join(&e.source);
         let base = common::pipeline(&e.pipeline);
-        let o = loracast(&[
+        let o = common::loracast(&[
             "lora",
             "convert",
             input.to_str().unwrap(),
@@ -394,7 +362,7 @@ fn convert_is_reproducible_and_diffusers_agreed() {
             "--base",
             base.to_str().unwrap(),
         ]);
-        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(o.status.success(), "{}", common::stderr(&o));
         let digest = sha256_hex(&std::fs::read(&out).unwrap());
         assert_eq!(
             digest, e.sha256,
@@ -415,16 +383,16 @@ fn convert_is_reproducible_and_diffusers_agreed() {
         out.to_str().unwrap(),
     ];
     std::fs::write(&out, b"keep").unwrap();
-    let o = loracast(&args);
+    let o = common::loracast(&args);
     assert!(
-        !o.status.success() && stderr(&o).contains("already exists"),
+        !o.status.success() && common::stderr(&o).contains("already exists"),
         "{}",
-        stderr(&o)
+        common::stderr(&o)
     );
     assert_eq!(std::fs::read(&out).unwrap(), b"keep");
     let mut forced = args.to_vec();
     forced.push("--force");
-    assert!(loracast(&forced).status.success());
+    assert!(common::loracast(&forced).status.success());
     assert_eq!(
         read_lora(&out, None, None).unwrap().1.format,
         LoraFormat::Kohya
@@ -435,8 +403,8 @@ fn convert_is_reproducible_and_diffusers_agreed() {
 fn lora_info_describes_a_file() {
     let fx = fixture();
     let file = src(&fx, "tiny-b", "peft");
-    let o = loracast(&["lora", "info", file.to_str().unwrap()]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    let o = common::loracast(&["lora", "info", file.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
     let text = String::from_utf8(o.stdout).unwrap();
     eprintln!("{text}");
     for needle in [
@@ -451,8 +419,8 @@ fn lora_info_describes_a_file() {
     ] {
         assert!(text.contains(needle), "no {needle:?} in\n{text}");
     }
-    let o = loracast(&["lora", "info", "--json", file.to_str().unwrap()]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    let o = common::loracast(&["lora", "info", "--json", file.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let (set, _) = read_lora(&file, None, None).unwrap();
     assert_eq!(v["format"], "peft");
@@ -620,7 +588,7 @@ fn bad_lora_inputs_fail_with_one_clear_error() {
             "--out",
             out.to_str().unwrap(),
         ];
-        assert_fails(&args, &out, needle);
+        common::assert_fails(&args, Some(&out), needle);
     }
 
     // A file for another model: tiny-b's LoRA against tiny-a names the key and both shapes.
@@ -661,7 +629,7 @@ fn bad_lora_inputs_fail_with_one_clear_error() {
             o,
         ];
         args.extend_from_slice(extra);
-        assert_fails(&args, &out, needle);
+        common::assert_fails(&args, Some(&out), needle);
     };
     gen(
         &["--lora", other.to_str().unwrap()],
@@ -725,7 +693,7 @@ fn bad_lora_inputs_fail_with_one_clear_error() {
         "--kappa needs --generic-prompt",
     );
     let out_l = dir.path().join("y.safetensors");
-    assert_fails(
+    common::assert_fails(
         &[
             "lora",
             "convert",
@@ -735,7 +703,7 @@ fn bad_lora_inputs_fail_with_one_clear_error() {
             "--out",
             out_l.to_str().unwrap(),
         ],
-        &out_l,
+        Some(&out_l),
         "expected peft or kohya",
     );
 }
@@ -797,8 +765,8 @@ fn generate_cli_matches_the_references() {
         if let Some(n) = &case.negative_prompt {
             args.extend(["--negative-prompt", n.as_str()]);
         }
-        let o = loracast(&args);
-        assert!(o.status.success(), "{}", stderr(&o));
+        let o = common::loracast(&args);
+        assert!(o.status.success(), "{}", common::stderr(&o));
         let (_, _, ours) = read_png_rgb8(&out).unwrap();
         let (max, mean) = image_diff(&ours, &reference_image(&case.pipeline, &case.image));
         assert!(

@@ -1,9 +1,10 @@
 //! The toy world generator (SPEC §6, issue 4): determinism (golden bytes), the fixed held-out
 //! split, the caption grammar, every identity attribute visible in the rendered pixels of every
 //! context, position/size really move/scale the body, and `loracast world render` end to end.
+mod common;
+
 use std::collections::HashSet;
 use std::path::Path;
-use std::process::{Command, Output};
 
 use loracast::data::render::{background_rgb, body_rgb, pattern_rgb};
 use loracast::data::*;
@@ -17,6 +18,11 @@ fn stream_hash(seed: u64, split: Split, n: u64) -> u64 {
         }
     }
     h
+}
+
+/// A failing `loracast` call (world commands write into folders checked by each test).
+fn assert_fails(args: &[&str], needle: &str) {
+    common::assert_fails(args, None, needle);
 }
 
 #[test]
@@ -423,30 +429,6 @@ fn render_speed() {
     assert!(rate > 50.0, "{rate:.0} renders/s");
 }
 
-fn loracast(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_loracast"))
-        .args(args)
-        .output()
-        .expect("run loracast")
-}
-
-fn assert_fails(args: &[&str], needle: &str) {
-    let o = loracast(args);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success(), "{args:?} succeeded");
-    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "{args:?}: expected one line, got:\n{err}");
-    assert!(lines[0].starts_with("error"), "{err}");
-    assert!(
-        !err.contains("panicked") && !err.contains("internal error"),
-        "{err}"
-    );
-    assert!(
-        err.contains(needle),
-        "{args:?}: {err:?} does not mention {needle:?}"
-    );
-}
-
 fn files(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
@@ -461,7 +443,7 @@ fn cli_render_writes_pngs_and_metadata() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("renders");
     let o = out.to_str().unwrap();
-    let run = loracast(&[
+    let run = common::loracast(&[
         "world", "render", "--split", "heldout", "--seed", "4", "--count", "6", "--out", o,
     ]);
     assert!(
@@ -504,7 +486,7 @@ fn cli_render_writes_pngs_and_metadata() {
     ];
     assert_fails(&again, "--force");
     assert_eq!(files(&out).len(), 7);
-    let forced = loracast(&[&again[..], &["--force"]].concat());
+    let forced = common::loracast(&[&again[..], &["--force"]].concat());
     assert!(
         forced.status.success(),
         "{}",
@@ -535,7 +517,7 @@ fn cli_render_writes_pngs_and_metadata() {
     std::fs::create_dir(&empty).unwrap();
     let e = empty.to_str().unwrap();
     assert!(
-        loracast(&["world", "render", "--split", "train", "--count", "1", "--out", e])
+        common::loracast(&["world", "render", "--split", "train", "--count", "1", "--out", e])
             .status
             .success()
     );

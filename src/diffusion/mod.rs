@@ -33,9 +33,13 @@ pub trait Scheduler {
     /// may be fractional). Exactly diffusers' `scheduler.timesteps` values.
     fn timesteps(&self) -> &[f64];
     /// Standard deviation of the initial latents (`randn · init_noise_sigma`).
-    fn init_noise_sigma(&self) -> f64;
-    /// diffusers' `scale_model_input` at loop index i.
-    fn scale_model_input(&self, sample: &Tensor, i: usize) -> Tensor;
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+    /// diffusers' `scale_model_input` at loop index i (the identity unless a sampler scales).
+    fn scale_model_input(&self, sample: &Tensor, _i: usize) -> Tensor {
+        sample.shallow_clone()
+    }
     /// One step at loop index i: model output (ε / v / x0 per prediction_type) → previous
     /// sample. Steps must be taken in order, each once.
     fn step(&mut self, model_output: &Tensor, i: usize, sample: &Tensor) -> Result<Tensor>;

@@ -175,14 +175,6 @@ impl Scheduler for Pndm {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _i: usize) -> Tensor {
-        sample.shallow_clone()
-    }
-
     fn step(&mut self, model_output: &Tensor, i: usize, sample: &Tensor) -> Result<Tensor> {
         ensure!(
             i == self.counter && i < self.timesteps.len(),

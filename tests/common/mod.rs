@@ -1,6 +1,7 @@
 //! Shared helpers for the integration tests: fixture paths and tolerance checks.
 #![allow(dead_code)]
 use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 
 use tch::{Kind, Tensor};
 
@@ -61,4 +62,39 @@ pub fn edit_json(path: &Path, f: impl FnOnce(&mut serde_json::Value)) {
         serde_json::from_str(&std::fs::read_to_string(path).expect("read")).expect("json");
     f(&mut v);
     std::fs::write(path, serde_json::to_string_pretty(&v).expect("ser")).expect("write");
+}
+
+/// Runs the built `loracast` binary (one torch thread).
+pub fn loracast(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_loracast"))
+        .args(args)
+        .env("OMP_NUM_THREADS", "1")
+        .output()
+        .expect("run loracast")
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A failing command: non-zero exit, one `error:` line naming `needle`, no panic, and nothing
+/// written at `out`.
+pub fn assert_fails(args: &[&str], out: Option<&Path>, needle: &str) {
+    let o = loracast(args);
+    let err = stderr(&o);
+    assert!(!o.status.success(), "{args:?} succeeded");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{args:?}: expected one line, got:\n{err}");
+    assert!(lines[0].starts_with("error: "), "{err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("internal error"),
+        "{err}"
+    );
+    assert!(
+        err.contains(needle),
+        "{args:?}: {err:?} does not mention {needle:?}"
+    );
+    if let Some(out) = out {
+        assert!(!out.exists(), "{args:?} left {}", out.display());
+    }
 }
