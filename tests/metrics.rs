@@ -257,14 +257,15 @@ fn clear_errors() {
     let t = tempfile::tempdir().unwrap();
     let bad = t.path().join("bad.png");
     std::fs::write(&bad, b"not an image at all").unwrap();
-    assert!(err_of(RgbImage::open(&bad)).contains("not a PNG"));
+    assert!(err_of(RgbImage::open(&bad)).contains("not an image"));
     let jpg = t.path().join("photo.jpg");
     std::fs::write(
         &jpg,
         [0xff, 0xd8, 0xff, 0xe0, 0, 0x10, b'J', b'F', b'I', b'F'],
     )
     .unwrap();
-    assert!(err_of(RgbImage::open(&jpg)).contains("JPEG"));
+    // A JPEG cut after its first marker.
+    assert!(err_of(RgbImage::open(&jpg)).contains("truncated or corrupted"));
     let mut png = std::fs::read(dir("images").join("wide.png")).unwrap();
     png.truncate(200);
     let trunc = t.path().join("trunc.png");
@@ -286,7 +287,7 @@ fn clear_errors() {
     ]);
     assert_eq!(code, 1);
     assert!(
-        err.contains("--reference") && err.contains("not a PNG"),
+        err.contains("--reference") && err.contains("not an image"),
         "{err}"
     );
 }

@@ -48,8 +48,8 @@ pub fn run(args: ScoreArgs) -> Result<()> {
 
 #[derive(Args, Debug)]
 #[command(after_help = "Layout of --data (DreamBench-style):\n  \
-    DATA/<subject>/reference/*.png            reference images of the subject\n  \
-    DATA/<subject>/generated/<prompt>/*.png   images generated from <prompt> (the folder name is the prompt)\n\n\
+    DATA/<subject>/reference/*.{png,jpg,jpeg}           reference images of the subject\n  \
+    DATA/<subject>/generated/<prompt>/*.{png,jpg,jpeg}  images generated from <prompt> (the folder name is the prompt)\n\n\
     Per image: CLIP-I and DINO = mean cosine to every reference image of its subject; CLIP-T =\n\
     cosine to its prompt. Per subject: the mean over its images; overall: the mean over subjects.")]
 pub struct ScoreBenchArgs {
@@ -77,7 +77,14 @@ fn pngs(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut out: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("cannot list {}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_file() && p.extension().is_some_and(|e| e.eq_ignore_ascii_case("png")))
+        .filter(|p| {
+            p.is_file()
+                && p.extension().is_some_and(|e| {
+                    ["png", "jpg", "jpeg"]
+                        .iter()
+                        .any(|x| e.eq_ignore_ascii_case(x))
+                })
+        })
         .collect();
     out.sort();
     Ok(out)
@@ -110,7 +117,7 @@ fn scan(data: &Path) -> Result<BTreeMap<String, Subject>> {
     for s in subdirs(data)? {
         let refs = pngs(&s.join("reference")).with_context(|| format!("subject {}", name(&s)))?;
         if refs.is_empty() {
-            bail!("{}: no reference/*.png", s.display());
+            bail!("{}: no reference/*.png|jpg images", s.display());
         }
         let mut prompts = Vec::new();
         for p in subdirs(&s.join("generated")).with_context(|| format!("subject {}", name(&s)))? {
@@ -120,7 +127,7 @@ fn scan(data: &Path) -> Result<BTreeMap<String, Subject>> {
             }
         }
         if prompts.is_empty() {
-            bail!("{}: no generated/<prompt>/*.png", s.display());
+            bail!("{}: no generated/<prompt>/*.png|jpg images", s.display());
         }
         subjects.insert(name(&s), (refs, prompts));
     }

@@ -1,4 +1,6 @@
-//! Image output: diffusers' `numpy_to_pil` — `(x/2+0.5).clamp(0,1)`, `round(x·255)` → u8.
+//! Images in and out. Output: diffusers' `numpy_to_pil` — `(x/2+0.5).clamp(0,1)`,
+//! `round(x·255)` → u8. Input: images as users have them (PNG 8/16-bit, grey, RGBA, JPEG incl.
+//! CMYK, EXIF orientation applied), with size limits checked before decoding.
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -67,4 +69,48 @@ pub fn read_png_rgb8(path: &Path) -> Result<(u32, u32, Vec<u8>)> {
         png::ColorType::Indexed => bail!("{}: unexpected indexed PNG", path.display()),
     };
     Ok((w, h, rgb))
+}
+
+/// Largest side and pixel count loracast decodes; a larger declared size is refused before any
+/// pixel is decoded (decompression bombs).
+pub const MAX_SIDE: u32 = 16_384;
+pub const MAX_PIXELS: u64 = 64 * 1024 * 1024;
+
+/// Decodes an image file to RGB8 (HWC) like `PIL.Image.open(p)` + EXIF transpose +
+/// `.convert("RGB")`: alpha is dropped, grey is replicated, 16-bit is reduced to 8-bit.
+pub fn read_rgb8(path: &Path) -> Result<(u32, u32, Vec<u8>)> {
+    let shown = path.display();
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read image {shown}"))?;
+    if bytes.is_empty() {
+        bail!("image {shown}: the file is empty");
+    }
+    let reader = image::ImageReader::new(std::io::Cursor::new(&bytes))
+        .with_guessed_format()
+        .with_context(|| format!("cannot read image {shown}"))?;
+    if reader.format().is_none() {
+        bail!("image {shown}: not an image loracast can read (PNG or JPEG)");
+    }
+    // Decoder messages can span lines: keep the one-line contract.
+    let broken = |e: image::ImageError| {
+        let msg = e
+            .to_string()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        anyhow::anyhow!("image {shown}: cannot decode ({msg}); truncated or corrupted?")
+    };
+    let mut decoder = reader.into_decoder().map_err(broken)?;
+    let (w, h) = image::ImageDecoder::dimensions(&decoder);
+    if w > MAX_SIDE || h > MAX_SIDE || (w as u64) * (h as u64) > MAX_PIXELS {
+        bail!("image {shown}: declares {w}×{h} pixels, more than loracast decodes ({MAX_SIDE} per side, {MAX_PIXELS} in all)");
+    }
+    if w == 0 || h == 0 {
+        bail!("image {shown}: declares an empty {w}×{h} image");
+    }
+    let orientation = image::ImageDecoder::orientation(&mut decoder)
+        .unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut img = image::DynamicImage::from_decoder(decoder).map_err(broken)?;
+    img.apply_orientation(orientation);
+    let rgb = img.to_rgb8();
+    Ok((rgb.width(), rgb.height(), rgb.into_raw()))
 }

@@ -45,28 +45,13 @@ impl RgbImage {
         })
     }
 
-    /// Reads an image file (PNG: RGB, RGBA with alpha dropped, grayscale, 8 or 16 bit).
+    /// Reads an image file ([`crate::io::image::read_rgb8`]: PNG or JPEG, EXIF orientation
+    /// applied, alpha dropped, grey replicated, 16-bit reduced).
     pub fn open(path: &Path) -> Result<Self> {
         if !path.is_file() {
             bail!("image {}: no such file", path.display());
         }
-        let mut magic = [0u8; 8];
-        use std::io::Read;
-        let n = std::fs::File::open(path)
-            .and_then(|mut f| f.read(&mut magic))
-            .with_context(|| format!("cannot read image {}", path.display()))?;
-        if n < 8 || magic != *b"\x89PNG\r\n\x1a\n" {
-            let what = if magic.starts_with(&[0xff, 0xd8]) {
-                "a JPEG"
-            } else {
-                "not a PNG"
-            };
-            bail!(
-                "image {}: {what}; loracast reads PNG images only (convert it to PNG)",
-                path.display()
-            );
-        }
-        let (w, h, data) = crate::io::image::read_png_rgb8(path)?;
+        let (w, h, data) = crate::io::image::read_rgb8(path)?;
         Self::new(w, h, data)
     }
 }
