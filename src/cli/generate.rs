@@ -7,7 +7,6 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use tch::Device;
 
 use crate::diffusion::SchedulerKind;
 use crate::io::image::{to_rgb8, write_png};
@@ -86,15 +85,6 @@ fn check_lora_flags(args: &GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn parse_device(name: &str) -> Result<Device> {
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
-        "cuda" => anyhow::bail!("--device cuda: no CUDA device is available to libtorch"),
-        other => anyhow::bail!("--device {other:?}: expected cpu or cuda"),
-    }
-}
-
 pub fn run(args: GenerateArgs) -> Result<()> {
     check_lora_flags(&args)?;
     let out = super::check_output(&args.out, "png", args.force)?;
@@ -109,7 +99,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         .as_deref()
         .map(SchedulerKind::from_cli_name)
         .transpose()?;
-    let device = parse_device(&args.device)?;
+    let device = super::parse_device(&args.device)?;
     let mut req = GenerateRequest {
         prompt: args.prompt,
         negative_prompt: args.negative_prompt,

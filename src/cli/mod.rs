@@ -111,6 +111,18 @@ pub(crate) fn check_output(path: &Path, ext: &str, force: bool) -> Result<PathBu
     if path.extension().and_then(|e| e.to_str()) != Some(ext) {
         bail!("--out {}: expected a .{ext} file", path.display());
     }
+    check_out_parent(path)?;
+    if path.exists() && !force {
+        bail!(
+            "--out {} already exists (pass --force to overwrite)",
+            path.display()
+        );
+    }
+    Ok(path.to_path_buf())
+}
+
+/// The folder an `--out` path would be written into must exist.
+pub(crate) fn check_out_parent(path: &Path) -> Result<()> {
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -122,11 +134,15 @@ pub(crate) fn check_output(path: &Path, ext: &str, force: bool) -> Result<PathBu
             parent.display()
         );
     }
-    if path.exists() && !force {
-        bail!(
-            "--out {} already exists (pass --force to overwrite)",
-            path.display()
-        );
+    Ok(())
+}
+
+/// `--device cpu|cuda`.
+pub(crate) fn parse_device(name: &str) -> Result<tch::Device> {
+    match name {
+        "cpu" => Ok(tch::Device::Cpu),
+        "cuda" if tch::Cuda::is_available() => Ok(tch::Device::Cuda(0)),
+        "cuda" => bail!("--device cuda: no CUDA device is available to libtorch"),
+        other => bail!("--device {other:?}: expected cpu or cuda"),
     }
-    Ok(path.to_path_buf())
 }

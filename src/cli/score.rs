@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use super::generate::parse_device;
+use super::parse_device;
 use crate::eval::metrics::{cosine, ClipScorer, DinoScorer};
 use crate::io::preprocess::RgbImage;
 

@@ -54,7 +54,7 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
             let cfg: BaseConfig = read_config(&args.config)?;
             cfg.vae_loop.validate()?;
             cfg.unet_loop.validate()?;
-            let device = super::generate::parse_device(&args.device)?;
+            let device = super::parse_device(&args.device)?;
             let out = train_base(&cfg, &args.out, args.resume, device)?;
             eprintln!(
                 "wrote {} in {:.1} min",
@@ -64,7 +64,7 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
         }
         TrainCommand::Evaluators(args) => {
             let cfg: EvaluatorsConfig = read_config(&args.common.config)?;
-            let device = super::generate::parse_device(&args.common.device)?;
+            let device = super::parse_device(&args.common.device)?;
             let report = train_evaluators(
                 &cfg,
                 &args.vae,

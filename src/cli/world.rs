@@ -92,17 +92,7 @@ struct Metadata<'a> {
 /// `path` must be absent, an empty folder, or (with --force) an earlier render (a folder with
 /// metadata.jsonl): anything else is refused so --force never deletes unrelated files.
 fn check_out_dir(path: &Path, force: bool) -> Result<()> {
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    if !parent.is_dir() {
-        bail!(
-            "--out {}: folder {} does not exist",
-            path.display(),
-            parent.display()
-        );
-    }
+    super::check_out_parent(path)?;
     if path.file_name().is_none() {
         bail!("--out {}: not a folder name", path.display());
     }

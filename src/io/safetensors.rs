@@ -46,6 +46,18 @@ impl SafeTensorsFile {
         SafeTensors::deserialize(&self.mmap).expect("header validated in open")
     }
 
+    /// Every tensor name in the file, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .tensors()
+            .names()
+            .into_iter()
+            .map(String::from)
+            .collect();
+        names.sort();
+        names
+    }
+
     /// The `__metadata__` map of the header.
     pub fn metadata(&self) -> Result<Option<std::collections::HashMap<String, String>>> {
         let (_, meta) = SafeTensors::read_metadata(&self.mmap)
@@ -61,6 +73,13 @@ impl SafeTensorsFile {
             .map_err(|_| anyhow!("{}: no tensor {name:?}", self.path.display()))?;
         view_to_tensor(&view, kind).with_context(|| format!("{}: {name}", self.path.display()))
     }
+}
+
+/// Every tensor name of a model split over `files`, sorted.
+pub fn tensor_names(files: &[SafeTensorsFile]) -> Vec<String> {
+    let mut names: Vec<String> = files.iter().flat_map(SafeTensorsFile::names).collect();
+    names.sort();
+    names
 }
 
 fn file_kind(dtype: Dtype) -> Result<Kind> {

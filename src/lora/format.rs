@@ -168,8 +168,7 @@ pub fn read_lora(
     let file = SafeTensorsFile::open(&path)?;
     let p = path.display();
     let st = file.tensors();
-    let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
-    names.sort();
+    let names = file.names();
     if names.is_empty() {
         bail!("{p}: the file holds no tensors");
     }

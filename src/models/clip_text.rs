@@ -274,12 +274,9 @@ impl ClipTextModel {
     pub fn load(folder: &DiffusersFolder, device: Device) -> Result<(Self, nn::VarStore)> {
         let config = ClipTextConfig::from_json(folder.config("text_encoder", "config.json")?)?;
         let files = folder.weights("text_encoder", "model")?;
-        let prefixed = files.iter().any(|f| {
-            f.tensors()
-                .names()
-                .iter()
-                .any(|n| n.starts_with("text_model."))
-        });
+        let prefixed = crate::io::safetensors::tensor_names(&files)
+            .iter()
+            .any(|n| n.starts_with("text_model."));
         let mut vs = nn::VarStore::new(device);
         let model = match prefixed {
             true => Self::new(vs.root(), &config)?,

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module};
 use tch::{Device, Tensor};
 
-use crate::io::safetensors::load_strict_aliased;
+use crate::io::safetensors::{load_strict_aliased, tensor_names};
 use crate::io::DiffusersFolder;
 use crate::nn::{
     conv2d, group_norm, Activation, Attention, Downsample2D, ResnetBlock2D, ResnetConfig,
@@ -444,16 +444,7 @@ impl AutoencoderKL {
         let files = folder.weights("vae", "diffusion_pytorch_model")?;
         let mut vs = nn::VarStore::new(device);
         let vae = Self::new(vs.root(), &cfg)?;
-        let keys: HashSet<String> = files
-            .iter()
-            .flat_map(|f| {
-                f.tensors()
-                    .names()
-                    .into_iter()
-                    .map(str::to_string)
-                    .collect::<Vec<_>>()
-            })
-            .collect();
+        let keys: HashSet<String> = tensor_names(&files).into_iter().collect();
         // Deprecated attention names are read under the file's names.
         let aliases = legacy_attention_renames(&vs, &keys).into_iter().collect();
         load_strict_aliased(&mut vs, &files, &[], &aliases)?;

@@ -273,16 +273,7 @@ impl ViTModel {
     /// when the file has `pooler.dense.weight`; keys may sit under `vit.`.
     pub fn load(dir: &Path, device: Device) -> Result<(Self, nn::VarStore)> {
         let (config, files): (ViTConfig, _) = super::clip_vision::open_hf_folder(dir, "ViT")?;
-        let names: Vec<String> = files
-            .iter()
-            .flat_map(|f| {
-                f.tensors()
-                    .names()
-                    .into_iter()
-                    .map(str::to_string)
-                    .collect::<Vec<_>>()
-            })
-            .collect();
+        let names = crate::io::safetensors::tensor_names(&files);
         let prefix = if names.iter().any(|n| n.starts_with("vit.")) {
             "vit."
         } else {

@@ -17,7 +17,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use super::{train, LoopConfig, StepOutput};
 use crate::data::{images_to_tensor, Split, World};
-use crate::io::safetensors::{load_strict, save, SafeTensorsFile};
+use crate::io::safetensors::save;
 use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
 use crate::models::tokenizer::ClipTokenizer;
 use crate::models::unet::{UNet2DConditionModel, UNetConfig};
@@ -205,46 +205,39 @@ fn export(
             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
         }),
     )?;
-    let mut sched = cfg.scheduler.clone();
-    sched["_class_name"] = "DDIMScheduler".into();
-    sched["_diffusers_version"] = version.into();
-    write_json(tmp.join("scheduler/scheduler_config.json"), &sched)?;
-
-    let mut unet = serde_json::to_value(&cfg.unet)?;
-    unet["_class_name"] = "UNet2DConditionModel".into();
-    unet["_diffusers_version"] = version.into();
-    write_json(tmp.join("unet/config.json"), &unet)?;
-    save(
-        &tensors(vs, "unet."),
-        Kind::Half,
-        None,
-        &tmp.join("unet/diffusion_pytorch_model.safetensors"),
+    // diffusers tags each component config with its class; weights are stored f16.
+    let tagged = |mut v: serde_json::Value, class: &str| {
+        v["_class_name"] = class.into();
+        v["_diffusers_version"] = version.into();
+        v
+    };
+    let weights = |vs: &nn::VarStore, prefix: &str, file: &str| {
+        save(&tensors(vs, prefix), Kind::Half, None, &tmp.join(file))
+    };
+    write_json(
+        tmp.join("scheduler/scheduler_config.json"),
+        &tagged(cfg.scheduler.clone(), "DDIMScheduler"),
     )?;
-
-    let mut vae = serde_json::to_value(VaeConfig {
+    write_json(
+        tmp.join("unet/config.json"),
+        &tagged(serde_json::to_value(&cfg.unet)?, "UNet2DConditionModel"),
+    )?;
+    weights(vs, "unet.", "unet/diffusion_pytorch_model.safetensors")?;
+    let vae = VaeConfig {
         scaling_factor,
         ..cfg.vae.clone()
-    })?;
-    vae["_class_name"] = "AutoencoderKL".into();
-    vae["_diffusers_version"] = version.into();
-    write_json(tmp.join("vae/config.json"), &vae)?;
-    save(
-        &tensors(vae_vs, ""),
-        Kind::Half,
-        None,
-        &tmp.join("vae/diffusion_pytorch_model.safetensors"),
+    };
+    write_json(
+        tmp.join("vae/config.json"),
+        &tagged(serde_json::to_value(vae)?, "AutoencoderKL"),
     )?;
-
+    weights(vae_vs, "", "vae/diffusion_pytorch_model.safetensors")?;
+    // transformers tags its configs differently.
     let mut te = serde_json::to_value(&cfg.text_encoder)?;
     te["architectures"] = serde_json::json!(["CLIPTextModel"]);
     te["model_type"] = "clip_text_model".into();
     write_json(tmp.join("text_encoder/config.json"), &te)?;
-    save(
-        &tensors(vs, "text_encoder."),
-        Kind::Half,
-        None,
-        &tmp.join("text_encoder/model.safetensors"),
-    )?;
+    weights(vs, "text_encoder.", "text_encoder/model.safetensors")?;
 
     let tok = tmp.join("tokenizer");
     std::fs::create_dir_all(&tok)?;
@@ -257,21 +250,4 @@ fn export(
     }
     std::fs::rename(&tmp, &out)?;
     Ok(out)
-}
-
-/// Loads the model weights of a finished stage's checkpoint into `vs` (no optimizer state).
-pub fn load_stage(vs: &mut nn::VarStore, dir: &Path) -> Result<()> {
-    let file = SafeTensorsFile::open(&super::checkpoint_path(dir))?;
-    let names: Vec<String> = file
-        .tensors()
-        .names()
-        .into_iter()
-        .map(str::to_string)
-        .collect();
-    let ignore: Vec<&str> = names
-        .iter()
-        .filter(|n| n.starts_with("adam_"))
-        .map(String::as_str)
-        .collect();
-    load_strict(vs, std::slice::from_ref(&file), &ignore)
 }

@@ -270,12 +270,7 @@ fn load_checkpoint(
             path.display()
         );
     }
-    let names = file
-        .tensors()
-        .names()
-        .into_iter()
-        .map(str::to_string)
-        .collect::<Vec<_>>();
+    let names = file.names();
     let ignore: Vec<&str> = names
         .iter()
         .filter(|n| n.starts_with("adam_m.") || n.starts_with("adam_v."))
