@@ -156,3 +156,23 @@ fn nan_guard_keeps_the_last_good_checkpoint() {
     let meta = file.metadata().unwrap().unwrap();
     assert_eq!(meta["step"], "4");
 }
+
+#[test]
+fn a_finished_run_extends_with_more_steps_like_a_longer_run() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let long = LoopConfig {
+        steps: 12,
+        ..LoopConfig::tiny()
+    };
+    let short = LoopConfig {
+        steps: 8,
+        ..long.clone()
+    };
+    let straight = run(a.path(), &long, false, None).unwrap();
+    run(b.path(), &short, false, None).unwrap();
+    // Only `steps` differs: resuming continues the shorter run to 12 steps.
+    let extended = run(b.path(), &long, true, None).unwrap();
+    for ((n1, t1), (_, t2)) in weights(&straight).iter().zip(weights(&extended).iter()) {
+        assert!(t1.equal(t2), "{n1} differs after extending");
+    }
+}

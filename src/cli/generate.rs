@@ -15,7 +15,7 @@ use crate::pipeline::{GenerateRequest, StableDiffusion};
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
-    /// diffusers-format pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/).
+    /// diffusers-format pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/), or `toy`.
     #[arg(long)]
     pub base: PathBuf,
     #[arg(long)]
@@ -88,10 +88,11 @@ fn check_lora_flags(args: &GenerateArgs) -> Result<()> {
 pub fn run(args: GenerateArgs) -> Result<()> {
     check_lora_flags(&args)?;
     let out = super::check_output(&args.out, "png", args.force)?;
+    let base = crate::toy::resolve_base(&args.base)?;
     // Read the LoRA once without the UNet weights (bad keys, NaN/Inf, truncation) before
     // loading the model; the UNet config gives the block layout of LDM-layout names.
     if let Some(lora) = &args.lora {
-        let lpb = super::lora::unet_layers_per_block(&args.base)?;
+        let lpb = super::lora::unet_layers_per_block(&base)?;
         read_lora(lora, None, lpb)?;
     }
     let scheduler = args
@@ -115,7 +116,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         ..GenerateRequest::new("")
     };
     let start = Instant::now();
-    let pipe = StableDiffusion::load(&args.base, device)?;
+    let pipe = StableDiffusion::load(&base, device)?;
     if let Some(lora) = &args.lora {
         // Against this UNet's sites and block layout: errors name the key and both shapes.
         let lpb = layers_per_block(&pipe.unet.config);

@@ -1,8 +1,10 @@
 //! The `loracast` command line (SPEC §7). Every command validates its inputs before heavy
 //! work, exits non-zero with one clear line on bad input, and writes outputs atomically.
 mod bench;
+mod demo;
 mod generate;
 mod lora;
+mod personalize;
 mod score;
 mod train;
 mod world;
@@ -25,6 +27,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// The toy world end to end with the shipped weights: report.html + metrics.json.
+    Demo(demo::DemoArgs),
     /// Text-to-image with a diffusers-format SD1.x folder.
     Generate(generate::GenerateArgs),
     /// Benchmarks (compare with scripts/bench_unet.py).
@@ -39,6 +43,8 @@ enum Command {
     /// The toy world: render subjects in contexts with captions and metadata.
     #[command(subcommand)]
     World(world::WorldCommand),
+    /// A subject's images → LoRA with a trained hypernetwork (no finetuning).
+    Personalize(personalize::PersonalizeArgs),
     /// CLIP-I, CLIP-T and DINO of one generated image (prints JSON).
     Score(score::ScoreArgs),
     /// CLIP-I, CLIP-T and DINO over a DreamBench-style folder (per subject and mean).
@@ -73,11 +79,13 @@ pub fn main() -> i32 {
     };
     crate::util::init_threads();
     let result = match cli.command {
+        Command::Demo(args) => demo::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Bench(cmd) => bench::run(cmd),
         Command::Train(cmd) => train::run(cmd),
         Command::Lora(cmd) => lora::run(cmd),
         Command::World(cmd) => world::run(cmd),
+        Command::Personalize(args) => personalize::run(args),
         Command::Score(args) => score::run(args),
         Command::ScoreBench(args) => score::run_bench(args),
     };

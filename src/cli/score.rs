@@ -73,33 +73,6 @@ pub struct ScoreBenchArgs {
     pub device: String,
 }
 
-fn pngs(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut out: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("cannot list {}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.is_file()
-                && p.extension().is_some_and(|e| {
-                    ["png", "jpg", "jpeg"]
-                        .iter()
-                        .any(|x| e.eq_ignore_ascii_case(x))
-                })
-        })
-        .collect();
-    out.sort();
-    Ok(out)
-}
-
-fn subdirs(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut out: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("cannot list {}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_dir())
-        .collect();
-    out.sort();
-    Ok(out)
-}
-
 fn name(p: &Path) -> String {
     p.file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -114,14 +87,17 @@ fn scan(data: &Path) -> Result<BTreeMap<String, Subject>> {
         bail!("--data {}: no such folder", data.display());
     }
     let mut subjects = BTreeMap::new();
-    for s in subdirs(data)? {
-        let refs = pngs(&s.join("reference")).with_context(|| format!("subject {}", name(&s)))?;
+    for s in crate::io::folder::list_subdirs(data)? {
+        let refs = crate::io::folder::list_images(&s.join("reference"))
+            .with_context(|| format!("subject {}", name(&s)))?;
         if refs.is_empty() {
             bail!("{}: no reference/*.png|jpg images", s.display());
         }
         let mut prompts = Vec::new();
-        for p in subdirs(&s.join("generated")).with_context(|| format!("subject {}", name(&s)))? {
-            let imgs = pngs(&p)?;
+        for p in crate::io::folder::list_subdirs(&s.join("generated"))
+            .with_context(|| format!("subject {}", name(&s)))?
+        {
+            let imgs = crate::io::folder::list_images(&p)?;
             if !imgs.is_empty() {
                 prompts.push((name(&p), imgs));
             }

@@ -1,4 +1,4 @@
-//! `loracast train base|evaluators --config FILE --out DIR [--resume]`: the toy world's
+//! `loracast train base|evaluators|encoder|hypernet --config FILE --out DIR [--resume]`: the toy world's
 //! training recipes (configs in configs/toy/). Progress bars, metrics logs, atomic checkpoints,
 //! exact resume after a kill, NaN guard.
 use std::path::{Path, PathBuf};
@@ -9,7 +9,9 @@ use clap::{Args, Subcommand};
 use serde::de::DeserializeOwned;
 
 use crate::train::base::{train_base, BaseConfig};
+use crate::train::encoder::{train_encoder, EncoderConfig};
 use crate::train::evaluators::{train_evaluators, EvaluatorsConfig};
+use crate::train::hypernet::{train_hypernet, HypernetJob, HypernetTrainConfig, TrainData};
 
 #[derive(Subcommand, Debug)]
 pub enum TrainCommand {
@@ -17,6 +19,32 @@ pub enum TrainCommand {
     Base(TrainArgs),
     /// The toy-world evaluators (identity and context classifiers) → DIR/*.safetensors.
     Evaluators(EvaluatorArgs),
+    /// The toy world's image encoder (self-supervised ViT) → DIR/encoder (transformers layout).
+    Encoder(TrainArgs),
+    /// The hypernetwork, end to end through a frozen base → DIR/hypernet.safetensors.
+    Hypernet(HypernetArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct HypernetArgs {
+    #[command(flatten)]
+    pub common: TrainArgs,
+    /// Base model folder (diffusers layout) or `toy`.
+    #[arg(long)]
+    pub base: PathBuf,
+    /// Frozen image encoder: a transformers ViT folder (config.json, model.safetensors,
+    /// preprocessor_config.json), e.g. google/vit-base-patch16-224-in21k or `train encoder`'s.
+    #[arg(long)]
+    pub encoder: PathBuf,
+    /// `toy` (the toy world's train split) or a folder of subject folders DIR/<subject>/*.png.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Class images for prior preservation (gamma > 0) with folder data.
+    #[arg(long)]
+    pub class_data: Option<PathBuf>,
+    /// Override the config's λ (weight of ‖h(x)‖²).
+    #[arg(long)]
+    pub lambda: Option<f64>,
 }
 
 #[derive(Args, Debug)]
@@ -76,6 +104,51 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
             eprintln!(
                 "wrote {} in {:.1} min",
                 args.common.out.display(),
+                start.elapsed().as_secs_f64() / 60.0
+            );
+        }
+        TrainCommand::Encoder(args) => {
+            let cfg: EncoderConfig = read_config(&args.config)?;
+            cfg.loop_cfg.validate()?;
+            let device = super::parse_device(&args.device)?;
+            let out = train_encoder(&cfg, &args.out, args.resume, device)?;
+            eprintln!(
+                "wrote {} in {:.1} min",
+                out.display(),
+                start.elapsed().as_secs_f64() / 60.0
+            );
+        }
+        TrainCommand::Hypernet(args) => {
+            let mut cfg: HypernetTrainConfig = read_config(&args.common.config)?;
+            if let Some(l) = args.lambda {
+                cfg.lambda = l;
+            }
+            cfg.validate()
+                .with_context(|| format!("--config {}", args.common.config.display()))?;
+            let device = super::parse_device(&args.common.device)?;
+            let base = crate::toy::resolve_base(&args.base)?;
+            let toy = args.data.to_str() == Some(crate::toy::NAME);
+            if cfg.gamma > 0.0 && !toy && args.class_data.is_none() {
+                anyhow::bail!(
+                    "gamma > 0 (prior preservation) with folder data needs --class-data DIR"
+                );
+            }
+            let data = match args.data.to_str() {
+                Some(crate::toy::NAME) => TrainData::Toy,
+                _ => TrainData::from_folders(&args.data, args.class_data.as_deref(), cfg.mode)?,
+            };
+            let job = HypernetJob {
+                base: &base,
+                encoder: &args.encoder,
+                data,
+                out: &args.common.out,
+                resume: args.common.resume,
+                device,
+            };
+            let out = train_hypernet(&cfg, job)?;
+            eprintln!(
+                "wrote {} in {:.1} min",
+                out.display(),
                 start.elapsed().as_secs_f64() / 60.0
             );
         }

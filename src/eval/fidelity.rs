@@ -62,14 +62,14 @@ impl Evaluators {
         })
     }
 
-    /// Per image: (subject fidelity vs `reference`, prompt fidelity vs `prompted`).
-    /// `images: [B, 3, 32, 32]` in [-1, 1].
-    pub fn score(
+    /// Per image and attribute: was the reference's identity attribute recovered, was the
+    /// prompt's context attribute present. `images: [B, 3, 32, 32]` in [-1, 1].
+    pub fn hits(
         &self,
         images: &Tensor,
         reference: &[Identity],
         prompted: &[Context],
-    ) -> Result<Vec<(f64, f64)>> {
+    ) -> Result<Vec<(Vec<bool>, Vec<bool>)>> {
         let b = images.size()[0] as usize;
         if reference.len() != b || prompted.len() != b {
             bail!(
@@ -88,16 +88,31 @@ impl Evaluators {
             })
             .collect())
     }
+
+    /// Per image: (subject fidelity vs `reference`, prompt fidelity vs `prompted`) = the
+    /// fractions of [`Evaluators::hits`].
+    pub fn score(
+        &self,
+        images: &Tensor,
+        reference: &[Identity],
+        prompted: &[Context],
+    ) -> Result<Vec<(f64, f64)>> {
+        let frac = |h: &[bool]| h.iter().filter(|&&x| x).count() as f64 / h.len() as f64;
+        Ok(self
+            .hits(images, reference, prompted)?
+            .iter()
+            .map(|(s, p)| (frac(s), frac(p)))
+            .collect())
+    }
 }
 
-/// Fraction of positions where `pred` equals `labels`.
-fn agreement(pred: &Tensor, labels: &[usize]) -> f64 {
-    let hits = labels
+/// Per position: does `pred` equal `labels`.
+fn agreement(pred: &Tensor, labels: &[usize]) -> Vec<bool> {
+    labels
         .iter()
         .enumerate()
-        .filter(|(k, &l)| pred.int64_value(&[*k as i64]) == l as i64)
-        .count();
-    hits as f64 / labels.len() as f64
+        .map(|(k, &l)| pred.int64_value(&[k as i64]) == l as i64)
+        .collect()
 }
 
 /// Saves one trained classifier with its config in the metadata (f16 when `compact`).
@@ -107,12 +122,7 @@ pub fn save_classifier(
     path: &Path,
     compact: bool,
 ) -> Result<()> {
-    let mut tensors: Vec<(String, Tensor)> = vs
-        .variables()
-        .into_iter()
-        .map(|(n, t)| (n, t.detach()))
-        .collect();
-    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let tensors = crate::io::safetensors::sorted_variables(vs);
     let meta = [("config".to_string(), serde_json::to_string(&model.config)?)]
         .into_iter()
         .collect();

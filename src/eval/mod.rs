@@ -3,3 +3,4 @@
 pub mod classifier;
 pub mod fidelity;
 pub mod metrics;
+pub mod toy;

@@ -153,3 +153,32 @@ pub fn parse_config_json(text: &str) -> Result<serde_json::Value> {
     }
     serde_json::from_str(&out).context("invalid JSON")
 }
+
+/// The PNG/JPEG files directly in `dir`, sorted by name.
+pub fn list_images(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot list {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_file()
+                && p.extension().is_some_and(|e| {
+                    ["png", "jpg", "jpeg"]
+                        .iter()
+                        .any(|x| e.eq_ignore_ascii_case(x))
+                })
+        })
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// The folders directly in `dir`, sorted by name.
+pub fn list_subdirs(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot list {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
+    out.sort();
+    Ok(out)
+}

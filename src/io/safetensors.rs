@@ -177,6 +177,18 @@ pub fn load_strict_aliased(
 /// The bytes are deterministic: header keys and data are in name order (the `safetensors`
 /// crate writes metadata in HashMap order), and the header is space-padded to 8 bytes as the
 /// reference implementation does.
+/// Every variable of `vs`, detached, sorted by name (what a weights file holds).
+pub fn sorted_variables(vs: &VarStore) -> Vec<(String, Tensor)> {
+    let mut tensors: Vec<(String, Tensor)> = tch::no_grad(|| {
+        vs.variables()
+            .into_iter()
+            .map(|(n, t)| (n, t.detach()))
+            .collect()
+    });
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    tensors
+}
+
 pub fn save(
     tensors: &[(String, Tensor)],
     kind: Kind,

@@ -15,10 +15,11 @@ use std::collections::HashMap;
 use std::fmt;
 
 use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
 /// Where a transformer block sits in the UNet (diffusers module names).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum BlockLoc {
     /// `down_blocks.{0}`
     Down(usize),
@@ -29,7 +30,7 @@ pub enum BlockLoc {
 }
 
 /// One `BasicTransformerBlock`: `<loc>.attentions.{attention}.transformer_blocks.{block}`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct TransformerSite {
     pub loc: BlockLoc,
     pub attention: usize,
@@ -37,7 +38,7 @@ pub struct TransformerSite {
 }
 
 /// Which projection of `attn2`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Proj {
     Q,
     K,
@@ -57,7 +58,7 @@ impl Proj {
 }
 
 /// A LoRA target: one attn2 projection of one transformer block, with its matrix shape.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct LoraSite {
     pub transformer: TransformerSite,
     pub proj: Proj,

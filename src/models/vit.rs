@@ -51,7 +51,7 @@ fn d_pooler_act() -> String {
 }
 
 /// transformers' `ViTConfig` (field names and defaults as there).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ViTConfig {
     #[serde(default = "d_hidden")]
     pub hidden_size: i64,
@@ -298,6 +298,10 @@ impl ViTModel {
             .with_context(|| format!("{}: weights do not match config.json", dir.display()))?;
         vs.freeze();
         Ok((model, vs))
+    }
+
+    pub fn device(&self) -> Device {
+        self.cls_token.device()
     }
 
     /// `pixel_values` `[B, C, image_size, image_size]` → outputs.

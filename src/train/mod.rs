@@ -8,7 +8,9 @@
 //! sampling takes the same seed), so a resumed run repeats the uninterrupted one bit for bit at
 //! the same thread count.
 pub mod base;
+pub mod encoder;
 pub mod evaluators;
+pub mod hypernet;
 pub mod optim;
 
 pub use optim::AdamW;
@@ -95,6 +97,8 @@ pub fn step_seed(seed: u64, step: u64) -> u64 {
 }
 
 /// What one training step returns: the loss to minimize and extra scalars to log.
+/// A step that accumulates gradients over micro-batches calls `backward` itself and returns
+/// the detached total (a loss that does not require grad is not back-propagated again).
 pub struct StepOutput {
     pub loss: Tensor,
     pub metrics: Vec<(&'static str, f64)>,
@@ -170,7 +174,9 @@ pub fn train(
                 dir.display()
             );
         }
-        out.loss.backward();
+        if out.loss.requires_grad() {
+            out.loss.backward();
+        }
         let norm = opt.clip_grad_norm(cfg.grad_clip.unwrap_or(f64::INFINITY));
         if !norm.is_finite() {
             bar.abandon();
@@ -264,7 +270,7 @@ fn load_checkpoint(
         .get("config")
         .and_then(|c| serde_json::from_str(c).ok())
         .with_context(|| format!("{}: no config in the metadata", path.display()))?;
-    if &saved != config {
+    if without_steps(&saved) != without_steps(config) {
         bail!(
             "{} was written with a different config; resume with the same config file",
             path.display()
@@ -279,6 +285,23 @@ fn load_checkpoint(
     load_strict(vs, std::slice::from_ref(&file), &ignore)?;
     opt.load_state(&file, step as i64)?;
     Ok(step)
+}
+
+/// A config with the `steps` of every loop removed: a run may be resumed with more (or fewer)
+/// steps — the LR schedule (constant after warm-up) does not depend on the total.
+fn without_steps(v: &serde_json::Value) -> serde_json::Value {
+    match v {
+        serde_json::Value::Object(map) => {
+            let is_loop = map.contains_key("lr") && map.contains_key("warmup");
+            map.iter()
+                .filter(|(k, _)| !(is_loop && k.as_str() == "steps"))
+                .map(|(k, x)| (k.clone(), without_steps(x)))
+                .collect::<serde_json::Map<_, _>>()
+                .into()
+        }
+        serde_json::Value::Array(xs) => xs.iter().map(without_steps).collect(),
+        other => other.clone(),
+    }
 }
 
 fn append_line(path: &Path, value: &serde_json::Value) -> Result<()> {

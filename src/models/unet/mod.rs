@@ -160,6 +160,37 @@ impl UNet2DConditionModel {
         &self.sites
     }
 
+    /// Identifies the weights a LoRA for this UNet was made for: a 64-bit hash of every LoRA
+    /// site and the f16-rounded frozen attn2 q/k/v weights under it (so the same model stored
+    /// f16 or f32 gives the same value). A hypernetwork records it and refuses another base.
+    pub fn lora_fingerprint(&self) -> String {
+        let mut h = 0x0010_CA57_u64;
+        let mut eat = |x: u64| h = crate::data::rng::mix64(h ^ x);
+        for block in self.transformers().flat_map(|t| t.blocks()) {
+            for (site, w) in block.lora_sites().iter().zip(block.lora_site_weights()) {
+                eat(site.in_features as u64);
+                eat(site.out_features as u64);
+                for b in site.module_path().bytes() {
+                    eat(b as u64);
+                }
+                let w = w
+                    .to_kind(tch::Kind::Half)
+                    .to_kind(tch::Kind::Float)
+                    .flatten(0, -1);
+                let v: Vec<f32> = Vec::try_from(&w).unwrap_or_default();
+                // Four values per word keeps this fast on SD1.5 (~6M weights).
+                for c in v.chunks(4) {
+                    let mut word = 0u64;
+                    for x in c {
+                        word = word.rotate_left(16) ^ (x.to_bits() as u64);
+                    }
+                    eat(word);
+                }
+            }
+        }
+        format!("{h:016x}")
+    }
+
     /// How many times the spatial size is halved (the input must be divisible by `2^this`
     /// for the up path to match without explicit upsample sizes).
     fn num_upsamplers(&self) -> u32 {

@@ -75,6 +75,15 @@ impl BasicTransformerBlock {
     pub fn lora_sites(&self) -> &[LoraSite; 3] {
         &self.sites
     }
+
+    /// The frozen weight `[out, in]` under each LoRA site (to_q, to_k, to_v).
+    pub fn lora_site_weights(&self) -> [&Tensor; 3] {
+        [
+            &self.attn2.to_q.weight,
+            &self.attn2.to_k.weight,
+            &self.attn2.to_v.weight,
+        ]
+    }
 }
 
 /// `proj_in` is a 1×1 conv (SD1.x) or a Linear (`use_linear_projection`, SD2.x).

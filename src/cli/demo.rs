@@ -1,0 +1,297 @@
+//! `loracast demo [--seed S] [--subjects N] [--out DIR]`: the whole method on the toy world
+//! with the shipped weights. Draws held-out subjects (a new seed draws new ones), personalizes
+//! each from one reference render with the hypernetwork (no finetuning), generates them in
+//! several context prompts with the base model, the hypernetwork + CFG and the hypernetwork +
+//! HM-CFG (κ = 1), scores every image with the shipped evaluators, and writes
+//! `DIR/metrics.json`, `DIR/report.html` and the images under `DIR/images/`.
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context as _, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::data::{caption, subject_prompt, Context, Identity, DEFAULT_TOKEN};
+use crate::eval::fidelity::Evaluators;
+use crate::eval::toy::{
+    ceiling, heldout_subjects, personalize_all, run_method, to_png_bytes, Guide, Row, Sampling,
+    Subject,
+};
+use crate::hypernet::Hypernetwork;
+use crate::pipeline::StableDiffusion;
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Seed of the held-out subjects, their contexts and the sampling noise.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Number of held-out subjects.
+    #[arg(long, default_value_t = 8)]
+    pub subjects: usize,
+    /// Context prompts per subject.
+    #[arg(long, default_value_t = 4)]
+    pub prompts: usize,
+    /// Output folder (report.html, metrics.json, images/).
+    #[arg(long, default_value = "loracast-demo")]
+    pub out: PathBuf,
+    /// Replace --out if it exists.
+    #[arg(long)]
+    pub force: bool,
+    /// CFG scale (the paper's 7.5).
+    #[arg(long, default_value_t = 7.5)]
+    pub guidance_scale: f64,
+    /// HM-CFG's g (default: half of --guidance-scale, the same total guidance as CFG: HM-CFG's
+    /// formula weighs κ·ε_θ + (2−κ)·ε₀, i.e. twice the conditional term of CFG).
+    #[arg(long)]
+    pub hm_guidance_scale: Option<f64>,
+    /// Scale on the predicted LoRA.
+    #[arg(long, default_value_t = 1.0)]
+    pub lora_scale: f64,
+    #[arg(long, default_value_t = 25)]
+    pub steps: usize,
+    /// Base model (folder or `toy`).
+    #[arg(long, default_value = "toy")]
+    pub base: PathBuf,
+    /// Hypernetwork (file or `toy`).
+    #[arg(long, default_value = "toy")]
+    pub hypernet: PathBuf,
+    /// Evaluators folder (or `toy`).
+    #[arg(long, default_value = "toy")]
+    pub evaluators: PathBuf,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Only the base model's row (measures the base model alone; no hypernetwork needed).
+    #[arg(long)]
+    pub base_only: bool,
+}
+
+/// Everything the demo measured.
+pub struct DemoOutcome {
+    pub subjects: Vec<Subject>,
+    pub rows: Vec<Row>,
+    pub images: Vec<Vec<Vec<tch::Tensor>>>,
+    pub chance: (f64, f64),
+    pub ceiling: (f64, f64),
+}
+
+pub fn run(args: DemoArgs) -> Result<()> {
+    if args.subjects == 0 || args.prompts == 0 {
+        bail!("--subjects and --prompts must be at least 1");
+    }
+    if args.steps == 0
+        || !args.guidance_scale.is_finite()
+        || !args.lora_scale.is_finite()
+        || args.hm_guidance_scale.is_some_and(|g| !g.is_finite())
+    {
+        bail!("--steps must be ≥ 1 and the guidance and LoRA scales finite");
+    }
+    super::check_out_parent(&args.out)?;
+    if args.out.exists() && !args.force {
+        bail!(
+            "--out {} already exists (pass --force to replace it)",
+            args.out.display()
+        );
+    }
+    let device = super::parse_device(&args.device)?;
+    let start = Instant::now();
+    let base = crate::toy::resolve_base(&args.base)?;
+    let sd = StableDiffusion::load(&base, device)?;
+    let hyper = match args.base_only {
+        true => None,
+        false => {
+            let (h, vs) =
+                Hypernetwork::load(&crate::toy::resolve_hypernet(&args.hypernet)?, device)?;
+            h.check_base(&sd.unet.lora_fingerprint())?;
+            Some((h, vs))
+        }
+    };
+    let evaluators = Evaluators::load(&crate::toy::resolve_evaluators(&args.evaluators)?, device)?;
+
+    let subjects = heldout_subjects(args.seed, args.subjects, args.prompts);
+    let sampling = Sampling {
+        guidance_scale: args.guidance_scale,
+        hm_guidance_scale: args.hm_guidance_scale.unwrap_or(args.guidance_scale / 2.0),
+        lora_scale: args.lora_scale,
+        steps: args.steps,
+        seed: args.seed,
+    };
+    let methods = if hyper.is_some() { 3 } else { 1 };
+    let n_images = (subjects.len() * args.prompts * methods) as u64;
+    let bar = ProgressBar::new(n_images).with_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed}<{eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_message("generating");
+    let (sets, seconds, lambda) = match &hyper {
+        Some((h, _)) => {
+            let (sets, seconds) = personalize_all(h, &subjects)?;
+            (sets, seconds, h.config.lambda)
+        }
+        None => (Vec::new(), 0.0, None),
+    };
+    let mut rows = Vec::new();
+    let mut images = Vec::new();
+    for (method, guide, lora) in [
+        ("base", Guide::Cfg, None),
+        ("hypernet", Guide::Cfg, Some(sets.as_slice())),
+        (
+            "hypernet",
+            Guide::HmCfg { kappa: 1.0 },
+            Some(sets.as_slice()),
+        ),
+    ]
+    .into_iter()
+    .take(methods)
+    {
+        let m = run_method(&sd, &evaluators, &subjects, lora, guide, sampling, || {
+            bar.inc(1)
+        })?;
+        let (guidance, kappa) = match guide {
+            Guide::Cfg => ("cfg", None),
+            Guide::HmCfg { kappa } => ("hm-cfg", Some(kappa)),
+        };
+        rows.push(Row {
+            method: method.to_string(),
+            guidance: guidance.to_string(),
+            kappa,
+            lambda: lora.and(lambda),
+            subject_fidelity: m.subject_fidelity,
+            prompt_fidelity: m.prompt_fidelity,
+            seconds_per_subject: if lora.is_some() { seconds } else { 0.0 },
+            subject_attributes: m.subject_attributes,
+            prompt_attributes: m.prompt_attributes,
+        });
+        images.push(m.images);
+    }
+    bar.finish_and_clear();
+    let outcome = DemoOutcome {
+        chance: (
+            Identity::chance_level_between(crate::data::Split::Train, crate::data::Split::Heldout),
+            Context::chance_level(),
+        ),
+        ceiling: ceiling(&sd, &evaluators, &subjects)?,
+        subjects,
+        rows,
+        images,
+    };
+    write_report(&args.out, &outcome, &args)?;
+    let attrs = |m: &std::collections::BTreeMap<String, f64>| {
+        m.iter()
+            .map(|(k, v)| format!("{k} {v:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for r in &outcome.rows {
+        eprintln!(
+            "{:<9} {:<7} subject {:.3}  prompt {:.3}  {:.4} s/subject\n    subject: {}\n    prompt: {}",
+            r.method,
+            r.guidance,
+            r.subject_fidelity,
+            r.prompt_fidelity,
+            r.seconds_per_subject,
+            attrs(&r.subject_attributes),
+            attrs(&r.prompt_attributes)
+        );
+    }
+    eprintln!(
+        "chance: subject {:.3} prompt {:.3}; ceiling (renders through the VAE): subject {:.3} prompt {:.3}",
+        outcome.chance.0, outcome.chance.1, outcome.ceiling.0, outcome.ceiling.1
+    );
+    eprintln!(
+        "wrote {}/report.html and metrics.json in {:.1} s",
+        args.out.display(),
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Writes the report into `out.tmp`, then swaps it in for `out`.
+fn write_report(out: &Path, o: &DemoOutcome, args: &DemoArgs) -> Result<()> {
+    let tmp = out.with_extension("tmp");
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    let result = (|| -> Result<()> {
+        std::fs::create_dir_all(tmp.join("images"))?;
+        let metrics = serde_json::json!({
+            "chance": {"subject_fidelity": o.chance.0, "prompt_fidelity": o.chance.1},
+            "ceiling": {"subject_fidelity": o.ceiling.0, "prompt_fidelity": o.ceiling.1},
+            "rows": o.rows,
+            "settings": {"seed": args.seed, "subjects": o.subjects.len(), "prompts": args.prompts,
+                         "guidance_scale": args.guidance_scale, "steps": args.steps,
+                         "hm_guidance_scale": args.hm_guidance_scale.unwrap_or(args.guidance_scale / 2.0),
+                         "lora_scale": args.lora_scale},
+        });
+        crate::util::write_atomic(
+            &tmp.join("metrics.json"),
+            serde_json::to_string_pretty(&metrics)?.as_bytes(),
+        )?;
+        let labels: Vec<String> = o
+            .rows
+            .iter()
+            .map(|r| match r.kappa {
+                Some(k) => format!("{} {} κ={k}", r.method, r.guidance),
+                None => format!("{} {}", r.method, r.guidance),
+            })
+            .collect();
+        let mut html = String::from(
+            "<!doctype html><meta charset=utf-8><title>loracast demo</title><style>body{font-family:sans-serif}img{width:96px;image-rendering:pixelated}td,th{padding:4px;text-align:center;font-size:12px}table{border-collapse:collapse}</style>\n<h1>loracast demo: toy world, held-out subjects</h1>\n",
+        );
+        html.push_str("<h2>Metrics</h2><table border=1><tr><th>method<th>guidance<th>κ<th>λ<th>subject fidelity<th>prompt fidelity<th>s/subject</tr>\n");
+        let opt = |v: Option<f64>| v.map(|x| format!("{x}")).unwrap_or_else(|| "–".into());
+        for r in &o.rows {
+            html.push_str(&format!(
+                "<tr><td>{}<td>{}<td>{}<td>{}<td>{:.3}<td>{:.3}<td>{:.4}</tr>\n",
+                r.method,
+                r.guidance,
+                opt(r.kappa),
+                opt(r.lambda),
+                r.subject_fidelity,
+                r.prompt_fidelity,
+                r.seconds_per_subject
+            ));
+        }
+        html.push_str(&format!(
+            "<tr><td colspan=4>chance (exact)<td>{:.3}<td>{:.3}<td></tr><tr><td colspan=4>ceiling (renders through the VAE)<td>{:.3}<td>{:.3}<td></tr></table>\n",
+            o.chance.0, o.chance.1, o.ceiling.0, o.ceiling.1
+        ));
+        html.push_str("<h2>Generations</h2><p>Each cell: ");
+        html.push_str(&labels.join(" | "));
+        html.push_str("</p><table border=1>\n");
+        for (i, s) in o.subjects.iter().enumerate() {
+            let reference = format!("images/s{i}_reference.png");
+            std::fs::write(tmp.join(&reference), s.reference.render().png_bytes()?)?;
+            html.push_str(&format!(
+                "<tr><td><img src=\"{reference}\"><br>reference<br>{}</td>",
+                s.identity
+            ));
+            for (j, ctx) in s.contexts.iter().enumerate() {
+                html.push_str("<td>");
+                for (m, imgs) in o.images.iter().enumerate() {
+                    let name = format!("images/s{i}_p{j}_m{m}.png");
+                    std::fs::write(tmp.join(&name), to_png_bytes(&imgs[i][j])?)?;
+                    html.push_str(&format!("<img src=\"{name}\" title=\"{}\">", labels[m]));
+                }
+                html.push_str(&format!(
+                    "<br>{}<br><i>{}</i></td>",
+                    subject_prompt(ctx, DEFAULT_TOKEN),
+                    caption(ctx)
+                ));
+            }
+            html.push_str("</tr>\n");
+        }
+        html.push_str("</table>\n");
+        std::fs::write(tmp.join("report.html"), html)?;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        std::fs::remove_dir_all(&tmp).ok();
+        return Err(e).context(format!("writing {}", out.display()));
+    }
+    if out.exists() {
+        std::fs::remove_dir_all(out)
+            .with_context(|| format!("cannot replace {}", out.display()))?;
+    }
+    std::fs::rename(&tmp, out).with_context(|| format!("cannot write {}", out.display()))?;
+    Ok(())
+}

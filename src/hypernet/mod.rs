@@ -1,0 +1,382 @@
+//! The hypernetwork h_φ(x): a few images of a subject → LoRA weights for the UNet's attn2
+//! q/k/v (paper "hypernet-finetuning-free-personalization" §4.1, Fig. 1; SPEC §2).
+//!
+//! 1. Preprocess the image like the encoder's image processor (`preprocessor_config.json`).
+//! 2. Frozen ViT encoder (transformers' `ViTModel`, e.g. `google/vit-base-patch16-224-in21k`;
+//!    for the toy world a small ViT loracast pretrains itself, see `train::encoder`) →
+//!    image tokens `[B, 1+N, C]`, computed once.
+//! 3. [`WeightDecoder`]: one token per LoRA matrix, s rounds of refinement, one head per matrix.
+//! 4. The flat outputs become `lora_A [r, in]` / `lora_B [out, r]` per site: a per-sample
+//!    [`LoraBatch`] during training (gradients flow through the frozen UNet into φ), or one
+//!    [`LoraSet`] for a subject, averaging the outputs over its images, β = (1/N)·Σ h(x_n).
+//!
+//! A hypernetwork file is a safetensors file holding the encoder (`encoder.*`, ViT hub keys)
+//! and decoder (`decoder.*`) weights, with the [`HypernetConfig`] (encoder config,
+//! preprocessing, rank, sites, and the base UNet's [`lora_fingerprint`]) in its metadata.
+//!
+//! [`lora_fingerprint`]: crate::models::unet::UNet2DConditionModel::lora_fingerprint
+pub mod decoder;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{bail, Context as _, Result};
+use serde::{Deserialize, Serialize};
+use tch::{nn, Device, Kind, Tensor};
+
+pub use decoder::{DecoderDims, MatrixSpec, WeightDecoder};
+
+use crate::io::preprocess::{Preprocess, RgbImage};
+use crate::io::safetensors::{load_strict, save, SafeTensorsFile};
+use crate::lora::{LoraBatch, LoraDelta, LoraSet, LoraSite, LoraWeights};
+use crate::models::vit::{ViTConfig, ViTModel};
+
+/// The smallest image side `personalize` accepts (smaller images carry no subject).
+pub const MIN_IMAGE_SIDE: u32 = 16;
+
+const FORMAT: &str = "loracast-hypernet-v1";
+
+/// Everything needed to rebuild a hypernetwork (stored in its file's metadata).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HypernetConfig {
+    /// The frozen image encoder (transformers' `ViTConfig`).
+    pub encoder: ViTConfig,
+    /// The encoder's `preprocessor_config.json` (applied over transformers' ViT defaults).
+    pub preprocess: serde_json::Value,
+    /// Rank/alpha of the predicted LoRA and the decoder's sizes.
+    pub decoder: DecoderConfig,
+    /// The UNet sites the LoRA targets, in module order.
+    pub sites: Vec<LoraSite>,
+    /// [`crate::models::unet::UNet2DConditionModel::lora_fingerprint`] of the base it was
+    /// trained for.
+    pub base_fingerprint: String,
+    /// λ the decoder was trained with (reported by `demo`), when known.
+    #[serde(default)]
+    pub lambda: Option<f64>,
+}
+
+/// The decoder's knobs: LoRA rank and alpha of the predicted weights (ΔW = alpha/r · B·A),
+/// decoder width, layers, heads, MLP width and refinement rounds s.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecoderConfig {
+    pub rank: i64,
+    pub alpha: f64,
+    pub width: i64,
+    pub layers: i64,
+    pub heads: i64,
+    pub intermediate: i64,
+    pub rounds: i64,
+}
+
+impl DecoderConfig {
+    /// The paper's decoder (4 layers, s = 4 rounds) with rank 3 (SD1.5, closed category).
+    pub fn paper() -> Self {
+        Self {
+            rank: 3,
+            alpha: 3.0,
+            width: 512,
+            layers: 4,
+            heads: 8,
+            intermediate: 2048,
+            rounds: 4,
+        }
+    }
+
+    /// A tiny decoder for tests.
+    pub fn tiny() -> Self {
+        Self {
+            rank: 2,
+            alpha: 2.0,
+            width: 32,
+            layers: 1,
+            heads: 4,
+            intermediate: 64,
+            rounds: 2,
+        }
+    }
+}
+
+impl HypernetConfig {
+    pub fn new(
+        decoder: DecoderConfig,
+        encoder: ViTConfig,
+        preprocess: serde_json::Value,
+        sites: Vec<LoraSite>,
+        base_fingerprint: String,
+    ) -> Self {
+        Self {
+            encoder,
+            preprocess,
+            decoder,
+            sites,
+            base_fingerprint,
+            lambda: None,
+        }
+    }
+
+    /// `lora_A` then `lora_B` of every site.
+    pub fn matrices(&self) -> Vec<MatrixSpec> {
+        self.sites
+            .iter()
+            .flat_map(|s| {
+                let (i, o, r) = (
+                    s.in_features as i64,
+                    s.out_features as i64,
+                    self.decoder.rank,
+                );
+                [
+                    MatrixSpec {
+                        rows: r,
+                        cols: i,
+                        is_b: false,
+                    },
+                    MatrixSpec {
+                        rows: o,
+                        cols: r,
+                        is_b: true,
+                    },
+                ]
+            })
+            .collect()
+    }
+
+    fn dims(&self) -> DecoderDims {
+        let d = &self.decoder;
+        DecoderDims {
+            image_dim: self.encoder.hidden_size,
+            width: d.width,
+            layers: d.layers,
+            heads: d.heads,
+            intermediate: d.intermediate,
+            rounds: d.rounds,
+        }
+    }
+
+    pub fn preprocessor(&self) -> Result<Preprocess> {
+        Preprocess::vit()
+            .with_json(self.preprocess.clone())
+            .context("hypernetwork preprocessing")
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.decoder.rank < 1 || !self.decoder.alpha.is_finite() || self.decoder.alpha <= 0.0 {
+            bail!("hypernetwork: rank must be ≥ 1 and alpha positive");
+        }
+        if self.sites.is_empty() {
+            bail!("hypernetwork: no LoRA sites");
+        }
+        let pre = self.preprocessor()?;
+        let side = self.encoder.image_size as u32;
+        let out = match (pre.do_center_crop, pre.size) {
+            (true, _) => pre.crop_size,
+            (false, crate::io::preprocess::Size::Exact { height, width }) => (height, width),
+            (false, crate::io::preprocess::Size::ShortestEdge(_)) => (0, 0),
+        };
+        if out != (side, side) {
+            bail!(
+                "hypernetwork: the encoder's preprocessing gives {}×{} images, the encoder takes {side}×{side}",
+                out.1, out.0
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A loaded (or freshly initialised) hypernetwork. The encoder is frozen by its caller's
+/// choice of trainable variables (see [`Hypernetwork::new`]).
+pub struct Hypernetwork {
+    pub config: HypernetConfig,
+    pub encoder: ViTModel,
+    pub decoder: WeightDecoder,
+    pub preprocess: Preprocess,
+}
+
+impl Hypernetwork {
+    /// Builds the encoder under `vs/encoder` and the decoder under `vs/decoder`.
+    pub fn new(vs: &nn::Path, config: &HypernetConfig) -> Result<Self> {
+        config.validate()?;
+        let encoder = ViTModel::new(vs / "encoder", &config.encoder, false)?;
+        let decoder = {
+            let _rng = crate::util::rng_lock();
+            WeightDecoder::new(vs / "decoder", config.dims(), &config.matrices())?
+        };
+        Ok(Self {
+            config: config.clone(),
+            encoder,
+            decoder,
+            preprocess: config.preprocessor()?,
+        })
+    }
+
+    /// Loads a hypernetwork file (config from its metadata, every tensor strictly).
+    pub fn load(path: &Path, device: Device) -> Result<(Self, nn::VarStore)> {
+        let shown = path.display();
+        if !path.is_file() {
+            bail!("hypernetwork {shown}: no such file");
+        }
+        let file = SafeTensorsFile::open(path)?;
+        let meta = file.metadata()?.unwrap_or_default();
+        if meta.get("format").map(String::as_str) != Some(FORMAT) {
+            bail!("{shown} is not a loracast hypernetwork (no {FORMAT:?} in its metadata)");
+        }
+        let config: HypernetConfig = meta
+            .get("config")
+            .context("no config in the metadata")
+            .and_then(|c| serde_json::from_str(c).context("unreadable config"))
+            .with_context(|| format!("hypernetwork {shown}"))?;
+        let mut vs = nn::VarStore::new(device);
+        let model = Self::new(&vs.root(), &config)?;
+        load_strict(&mut vs, std::slice::from_ref(&file), &[])
+            .with_context(|| format!("hypernetwork {shown}"))?;
+        vs.freeze();
+        Ok((model, vs))
+    }
+
+    /// Writes every variable of `vs` (f16 when `compact`) with the config in the metadata.
+    pub fn save(&self, vs: &nn::VarStore, path: &Path, compact: bool) -> Result<()> {
+        let tensors = crate::io::safetensors::sorted_variables(vs);
+        let meta = [
+            ("format".to_string(), FORMAT.to_string()),
+            ("config".to_string(), serde_json::to_string(&self.config)?),
+        ]
+        .into_iter()
+        .collect();
+        let kind = if compact { Kind::Half } else { Kind::Float };
+        save(&tensors, kind, Some(meta), path)
+    }
+
+    /// Fails unless this hypernetwork was trained for a UNet with `fingerprint`.
+    pub fn check_base(&self, fingerprint: &str) -> Result<()> {
+        if self.config.base_fingerprint != fingerprint {
+            bail!(
+                "this hypernetwork was trained for another base model (UNet fingerprint {}, this base has {fingerprint})",
+                self.config.base_fingerprint
+            );
+        }
+        Ok(())
+    }
+
+    /// Preprocessed pixel values of user images: `[N, 3, S, S]`.
+    pub fn pixel_values(&self, images: &[RgbImage]) -> Result<Tensor> {
+        for img in images {
+            if img.width < MIN_IMAGE_SIDE || img.height < MIN_IMAGE_SIDE {
+                bail!(
+                    "image of {}×{} pixels is too small (at least {MIN_IMAGE_SIDE}×{MIN_IMAGE_SIDE})",
+                    img.width,
+                    img.height
+                );
+            }
+        }
+        self.preprocess.batch(images)
+    }
+
+    /// h(x) for a batch: one flat `[B, rows·cols]` per matrix (`lora_A`, `lora_B` per site).
+    /// The encoder runs without gradient (it is frozen).
+    pub fn forward(&self, pixel_values: &Tensor) -> Result<Vec<Tensor>> {
+        let device = self.decoder_device();
+        let tokens = tch::no_grad(|| self.encoder.forward(&pixel_values.to_device(device)))?;
+        self.decoder.forward(&tokens.last_hidden_state)
+    }
+
+    fn decoder_device(&self) -> Device {
+        self.encoder.device()
+    }
+
+    /// The matrix specs, after checking `theta` has one tensor per matrix.
+    fn check_theta(&self, theta: &[Tensor]) -> Result<&[MatrixSpec]> {
+        let specs = self.decoder.matrices();
+        if theta.len() != specs.len() {
+            bail!(
+                "hypernetwork output has {} matrices, expected {}",
+                theta.len(),
+                specs.len()
+            );
+        }
+        Ok(specs)
+    }
+
+    /// ‖h(x)‖² per row, `[B]`: the paper's regulariser (eq. 5) on the weight update the
+    /// hypernetwork predicts, Σ_sites ‖ΔW‖²_F with ΔW = (alpha/r)·B·A, computed as
+    /// Σ (BᵀB ∘ AAᵀ) on r×r Gram matrices. (Penalising the factors A and B themselves would
+    /// decay A — the only non-zero factor at init, B = 0 — before B receives any gradient.)
+    pub fn squared_norm(&self, theta: &[Tensor]) -> Result<Tensor> {
+        let specs = self.check_theta(theta)?;
+        let scale = self.config.decoder.alpha / self.config.decoder.rank as f64;
+        let mut total: Option<Tensor> = None;
+        for i in 0..self.config.sites.len() {
+            let (sa, sb) = (specs[2 * i], specs[2 * i + 1]);
+            // [B, r·in] → [B, r, in];  [B, out·r] → [B, out, r]
+            let a = theta[2 * i].view([-1, sa.rows, sa.cols]);
+            let b = theta[2 * i + 1].view([-1, sb.rows, sb.cols]);
+            // AAᵀ, BᵀB: [B, r, r]
+            let ga = a.matmul(&a.transpose(1, 2));
+            let gb = b.transpose(1, 2).matmul(&b);
+            let n =
+                (ga * gb).sum_dim_intlist([1, 2].as_slice(), false, Kind::Float) * (scale * scale);
+            total = Some(match total {
+                Some(t) => t + n,
+                None => n,
+            });
+        }
+        total.context("no sites")
+    }
+
+    /// The per-sample LoRA of a batch (row b gets h(x_b)), `scale` on top of alpha/r.
+    pub fn lora_batch(&self, theta: &[Tensor], scale: &Tensor) -> Result<LoraBatch> {
+        let specs = self.check_theta(theta)?;
+        let s = scale * (self.config.decoder.alpha / self.config.decoder.rank as f64);
+        let mut batch = LoraBatch::new();
+        for (i, site) in self.config.sites.iter().enumerate() {
+            let (sa, sb) = (specs[2 * i], specs[2 * i + 1]);
+            // [B, r·in] → [B, r, in];  [B, out·r] → [B, out, r]
+            let a = theta[2 * i].view([-1, sa.rows, sa.cols]);
+            let b = theta[2 * i + 1].view([-1, sb.rows, sb.cols]);
+            batch.insert(
+                *site,
+                LoraDelta {
+                    a,
+                    b,
+                    scale: s.shallow_clone(),
+                },
+            );
+        }
+        Ok(batch)
+    }
+
+    /// One subject's LoRA from the outputs of its N images: β = (1/N)·Σ h(x_n).
+    pub fn lora_set(&self, theta: &[Tensor]) -> Result<LoraSet> {
+        let specs = self.check_theta(theta)?;
+        let mean = |t: &Tensor| {
+            t.detach()
+                .to_kind(Kind::Float)
+                .mean_dim(0, false, Kind::Float)
+                .to_device(Device::Cpu)
+        };
+        let mut weights = BTreeMap::new();
+        for (i, site) in self.config.sites.iter().enumerate() {
+            let (sa, sb) = (specs[2 * i], specs[2 * i + 1]);
+            weights.insert(
+                *site,
+                LoraWeights {
+                    // [r·in] → [r, in];  [out·r] → [out, r]
+                    a: mean(&theta[2 * i]).view([sa.rows, sa.cols]),
+                    b: mean(&theta[2 * i + 1]).view([sb.rows, sb.cols]),
+                    alpha: self.config.decoder.alpha,
+                },
+            );
+        }
+        Ok(LoraSet { weights })
+    }
+
+    /// Personalizes from user images: preprocess, h(x_n) for each, average → LoRA.
+    pub fn personalize(&self, images: &[RgbImage]) -> Result<LoraSet> {
+        if images.is_empty() {
+            bail!("personalize needs at least one image");
+        }
+        let px = self.pixel_values(images)?;
+        let theta = tch::no_grad(|| self.forward(&px))?;
+        self.lora_set(&theta)
+    }
+}

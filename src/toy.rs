@@ -1,0 +1,49 @@
+//! The shipped toy-world weights (issue 4/5, SPEC §6): where they live and how the CLI names
+//! them (`--base toy`, `--hypernet toy`, `--evaluators toy`). Everything under
+//! `assets/toy/` was trained here by the commands in `docs/TOY.md`.
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Result};
+
+/// The name that selects a shipped toy-world asset on the command line.
+pub const NAME: &str = "toy";
+
+/// `assets/` of this checkout, or `$LORACAST_ASSETS`.
+pub fn assets_dir() -> PathBuf {
+    crate::train::base::assets_dir()
+}
+
+fn shipped(rel: &str, what: &str) -> Result<PathBuf> {
+    let path = assets_dir().join("toy").join(rel);
+    if !path.exists() {
+        bail!(
+            "the toy-world {what} is not in this checkout ({} is missing)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// `toy` → the shipped base model folder; anything else is a path.
+pub fn resolve_base(arg: &Path) -> Result<PathBuf> {
+    match arg.to_str() {
+        Some(NAME) => shipped("base", "base model"),
+        _ => Ok(arg.to_path_buf()),
+    }
+}
+
+/// `toy` → the shipped hypernetwork file; anything else is a path.
+pub fn resolve_hypernet(arg: &Path) -> Result<PathBuf> {
+    match arg.to_str() {
+        Some(NAME) => shipped("hypernet.safetensors", "hypernetwork"),
+        _ => Ok(arg.to_path_buf()),
+    }
+}
+
+/// `toy` → the shipped evaluators folder; anything else is a path.
+pub fn resolve_evaluators(arg: &Path) -> Result<PathBuf> {
+    match arg.to_str() {
+        Some(NAME) => shipped("evaluators", "evaluators"),
+        _ => Ok(arg.to_path_buf()),
+    }
+}

@@ -1,0 +1,459 @@
+//! Training the hypernetwork end to end through the frozen UNet (paper §4.1, eq. 5; SPEC §2):
+//!
+//!   L = L_FT(x; θ0 + h(x)) + γ·L_reg(θ0 + h(x)) + λ·‖h(x)‖²
+//!
+//! 1. Draw a batch of distinct subjects; encode each input image once with the frozen encoder.
+//! 2. h(x) → per-sample LoRA (row b of the UNet call carries subject b's predicted weights).
+//! 3. L_FT: ε-prediction MSE on the subject's target image (VAE latent mean × scaling factor,
+//!    t ~ U{0..T−1}, diffusers' DDPM noising) with its prompt:
+//!    - `single` (the paper's setting): input = target, prompt "a sks <class>";
+//!    - `cross_view`: input and target are the same subject in different contexts (toy world)
+//!      or two different images of it (folders), target prompt = the target's caption with
+//!      the token ("a sks creature wearing a hat on grass, …") or "a sks <class>".
+//! 4. L_reg (prior preservation, γ > 0): the same MSE with the same predicted LoRA on class
+//!    images with their class prompts (toy: renders of other train subjects with their
+//!    captions; folders: `--class-data` images with "a <class>").
+//! 5. λ·‖h(x)‖²: the squared norm of the predicted update ΔW = (alpha/r)·B·A summed over sites,
+//!    averaged over the batch ([`Hypernetwork::squared_norm`]).
+//!
+//! AdamW, constant LR after warm-up, gradient accumulation over `accumulate` micro-batches,
+//! progress bar, metrics log, atomic checkpoints, exact resume and the NaN guard come from
+//! [`super::train`]. Only the decoder trains; the encoder, text encoder, UNet and VAE are frozen.
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context as _, Result};
+use serde::{Deserialize, Serialize};
+use tch::{nn, Device, Kind, Tensor};
+
+use super::{train, LoopConfig, StepOutput};
+use crate::data::{subject_prompt, Identity, Sample, Split, World, DEFAULT_TOKEN};
+use crate::hypernet::{DecoderConfig, HypernetConfig, Hypernetwork};
+use crate::io::preprocess::{Preprocess, RgbImage};
+use crate::models::vit::ViTModel;
+use crate::pipeline::StableDiffusion;
+
+/// Where input and target images come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataMode {
+    /// input = target, prompt "a sks <class>" (the paper's training set-up).
+    Single,
+    /// input and target: the same subject in another context / another image.
+    CrossView,
+}
+
+fn d_one() -> i64 {
+    1
+}
+fn d_token() -> String {
+    DEFAULT_TOKEN.to_string()
+}
+fn d_class() -> String {
+    "creature".to_string()
+}
+
+/// `configs/toy/hypernet.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HypernetTrainConfig {
+    pub decoder: DecoderConfig,
+    #[serde(rename = "loop")]
+    pub loop_cfg: LoopConfig,
+    /// Distinct subjects per micro-batch.
+    pub batch: i64,
+    /// Micro-batches per optimizer step (gradient accumulation).
+    #[serde(default = "d_one")]
+    pub accumulate: i64,
+    /// λ: weight of ‖h(x)‖².
+    pub lambda: f64,
+    /// γ: weight of the prior-preservation loss (0 = off).
+    #[serde(default)]
+    pub gamma: f64,
+    pub mode: DataMode,
+    #[serde(default = "d_token")]
+    pub token: String,
+    #[serde(default = "d_class")]
+    pub class_word: String,
+    /// Seed of the toy world's data stream (ignored for folder data).
+    #[serde(default)]
+    pub world_seed: u64,
+}
+
+impl HypernetTrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        self.loop_cfg.validate()?;
+        if self.batch < 1 || self.accumulate < 1 {
+            bail!("batch and accumulate must be ≥ 1");
+        }
+        if !(self.lambda.is_finite()
+            && self.lambda >= 0.0
+            && self.gamma.is_finite()
+            && self.gamma >= 0.0)
+        {
+            bail!("lambda and gamma must be finite and ≥ 0");
+        }
+        if self.token.trim().is_empty() || self.class_word.trim().is_empty() {
+            bail!("token and class_word must not be empty");
+        }
+        Ok(())
+    }
+}
+
+/// Training images.
+pub enum TrainData {
+    /// The toy world's train split (held-out identities are never drawn).
+    Toy,
+    /// `DIR/<subject>/*.png|jpg` (+ optional class images for prior preservation).
+    Folder {
+        subjects: Vec<(String, Vec<RgbImage>)>,
+        class_images: Vec<RgbImage>,
+    },
+}
+
+impl TrainData {
+    /// Reads `dir/<subject>/` image folders (and a flat folder of class images).
+    pub fn from_folders(dir: &Path, class_dir: Option<&Path>, mode: DataMode) -> Result<Self> {
+        let images_in = |d: &Path| -> Result<Vec<RgbImage>> {
+            crate::io::folder::list_images(d)?
+                .iter()
+                .map(|p| RgbImage::open(p))
+                .collect()
+        };
+        let dirs = crate::io::folder::list_subdirs(dir)
+            .with_context(|| format!("--data {}", dir.display()))?;
+        let need = if mode == DataMode::CrossView { 2 } else { 1 };
+        let mut subjects = Vec::new();
+        for d in dirs {
+            let imgs = images_in(&d)?;
+            if imgs.len() >= need {
+                let name = d
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                subjects.push((name, imgs));
+            }
+        }
+        if subjects.is_empty() {
+            bail!(
+                "--data {}: no subject folders with at least {need} PNG/JPEG image(s) (expected DIR/<subject>/*.png)",
+                dir.display()
+            );
+        }
+        let class_images = match class_dir {
+            Some(d) => {
+                let v = images_in(d)?;
+                if v.is_empty() {
+                    bail!("--class-data {}: no PNG/JPEG images", d.display());
+                }
+                v
+            }
+            None => Vec::new(),
+        };
+        Ok(TrainData::Folder {
+            subjects,
+            class_images,
+        })
+    }
+}
+
+/// One micro-batch: encoder pixels `[B, 3, s, s]`, target images `[B(+B), 3, H, W]` in [-1, 1]
+/// (subject rows, then prior rows when γ > 0) and their prompts.
+struct MicroBatch {
+    pixels: Tensor,
+    targets: Tensor,
+    prompts: Vec<String>,
+    prior_rows: bool,
+}
+
+fn render_rgb(s: &Sample) -> Result<RgbImage> {
+    let img = s.render();
+    RgbImage::new(img.width as u32, img.height as u32, img.rgb)
+}
+
+/// Resize (shortest edge, bicubic) + centre crop to `size`, as `[3, size, size]` in [-1, 1].
+fn target_tensor(img: &RgbImage, size: i64) -> Result<Tensor> {
+    let s = size as u32;
+    let prep = Preprocess {
+        size: crate::io::preprocess::Size::ShortestEdge(s),
+        crop_size: (s, s),
+        image_mean: [0.5; 3],
+        image_std: [0.5; 3],
+        ..Preprocess::clip()
+    };
+    Ok(prep.pixel_values(img))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn micro_batch(
+    cfg: &HypernetTrainConfig,
+    data: &TrainData,
+    hyper: &Hypernetwork,
+    size: i64,
+    seed: u64,
+) -> Result<MicroBatch> {
+    let mut world = World::new(seed);
+    let prior = cfg.gamma > 0.0;
+    let (mut inputs, mut targets, mut prompts) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut prior_targets, mut prior_prompts) = (Vec::new(), Vec::new());
+    match data {
+        TrainData::Toy => {
+            let mut ids: Vec<Identity> = Vec::new();
+            while (ids.len() as i64) < cfg.batch {
+                let id = world.identity(Split::Train);
+                if !ids.contains(&id) {
+                    ids.push(id);
+                }
+            }
+            for id in ids {
+                let view = |w: &mut World| {
+                    let context = w.context();
+                    let (jitter_seed, jitter) = w.jitter();
+                    Sample {
+                        identity: id,
+                        context,
+                        jitter_seed,
+                        jitter,
+                    }
+                };
+                let input = view(&mut world);
+                let (target, prompt) = match cfg.mode {
+                    DataMode::Single => (input, format!("a {} {}", cfg.token, cfg.class_word)),
+                    DataMode::CrossView => {
+                        let t = view(&mut world);
+                        let p = subject_prompt(&t.context, &cfg.token);
+                        (t, p)
+                    }
+                };
+                inputs.push(render_rgb(&input)?);
+                targets.push(target.render().to_tensor());
+                prompts.push(prompt);
+                if prior {
+                    let other = world.sample(Split::Train);
+                    prior_targets.push(other.render().to_tensor());
+                    prior_prompts.push(other.context.caption());
+                }
+            }
+        }
+        TrainData::Folder {
+            subjects,
+            class_images,
+        } => {
+            let n = (cfg.batch as usize).min(subjects.len());
+            let mut order: Vec<usize> = (0..subjects.len()).collect();
+            // Fisher–Yates with the step's stream: n distinct subjects.
+            for i in (1..order.len()).rev() {
+                order.swap(i, world.rng().below(i + 1));
+            }
+            for &k in &order[..n] {
+                let imgs = &subjects[k].1;
+                let i = world.rng().below(imgs.len());
+                let j = match cfg.mode {
+                    DataMode::Single => i,
+                    DataMode::CrossView => (i + 1 + world.rng().below(imgs.len() - 1)) % imgs.len(),
+                };
+                inputs.push(imgs[i].clone());
+                targets.push(target_tensor(&imgs[j], size)?);
+                prompts.push(format!("a {} {}", cfg.token, cfg.class_word));
+                if prior {
+                    if class_images.is_empty() {
+                        bail!("gamma > 0 (prior preservation) needs --class-data");
+                    }
+                    let c = &class_images[world.rng().below(class_images.len())];
+                    prior_targets.push(target_tensor(c, size)?);
+                    prior_prompts.push(format!("a {}", cfg.class_word));
+                }
+            }
+        }
+    }
+    let pixels = hyper.pixel_values(&inputs)?;
+    targets.extend(prior_targets);
+    prompts.extend(prior_prompts);
+    Ok(MicroBatch {
+        pixels,
+        targets: Tensor::stack(&targets, 0),
+        prompts,
+        prior_rows: prior,
+    })
+}
+
+/// Copies a transformers ViT folder's weights into the hypernetwork's `encoder.*` variables.
+fn load_encoder(vs: &nn::VarStore, dir: &Path) -> Result<()> {
+    let (_vit, evs) = ViTModel::load(dir, Device::Cpu)?;
+    let dst = vs.variables();
+    tch::no_grad(|| -> Result<()> {
+        let mut copied = 0;
+        for (name, src) in evs.variables() {
+            let name = name.strip_prefix("vit.").unwrap_or(&name);
+            if name.starts_with("pooler.") {
+                continue;
+            }
+            let key = format!("encoder.{name}");
+            let mut t = dst
+                .get(&key)
+                .with_context(|| format!("encoder {}: unexpected tensor {name}", dir.display()))?
+                .shallow_clone();
+            t.copy_(&src);
+            copied += 1;
+        }
+        let expected = dst.keys().filter(|k| k.starts_with("encoder.")).count();
+        if copied != expected {
+            bail!(
+                "encoder {}: {copied} of {expected} tensors found",
+                dir.display()
+            );
+        }
+        Ok(())
+    })
+}
+
+/// What [`train_hypernet`] needs besides its config.
+pub struct HypernetJob<'a> {
+    pub base: &'a Path,
+    pub encoder: &'a Path,
+    pub data: TrainData,
+    pub out: &'a Path,
+    pub resume: bool,
+    pub device: Device,
+}
+
+/// Trains a hypernetwork for `job.base` and writes `out/hypernet.safetensors` (f16).
+pub fn train_hypernet(cfg: &HypernetTrainConfig, job: HypernetJob) -> Result<PathBuf> {
+    cfg.validate()?;
+    let device = job.device;
+    let sd = StableDiffusion::load(job.base, device)?;
+    let encoder_cfg: crate::models::vit::ViTConfig = {
+        let folder_cfg = crate::io::folder::read_json(&job.encoder.join("config.json"))
+            .with_context(|| format!("--encoder {}", job.encoder.display()))?;
+        serde_json::from_value(folder_cfg)
+            .with_context(|| format!("--encoder {}: not a ViT config", job.encoder.display()))?
+    };
+    let pre_path = job.encoder.join("preprocessor_config.json");
+    // Without a preprocessor_config.json: transformers' ViT processor at the model's size.
+    let preprocess = match pre_path.is_file() {
+        true => crate::io::folder::read_json(&pre_path)?,
+        false => {
+            let s = encoder_cfg.image_size;
+            serde_json::json!({"size": {"height": s, "width": s}})
+        }
+    };
+    let hcfg = HypernetConfig {
+        lambda: Some(cfg.lambda),
+        ..HypernetConfig::new(
+            cfg.decoder,
+            encoder_cfg,
+            preprocess,
+            sd.unet.lora_sites().to_vec(),
+            sd.unet.lora_fingerprint(),
+        )
+    };
+    let _rng = crate::util::rng_lock();
+    tch::manual_seed(cfg.loop_cfg.seed as i64);
+    let mut vs = nn::VarStore::new(device);
+    let hyper = Hypernetwork::new(&vs.root(), &hcfg)?;
+    load_encoder(&vs, job.encoder)?;
+    for (name, t) in vs.variables() {
+        if name.starts_with("encoder.") {
+            let _ = t.set_requires_grad(false);
+        }
+    }
+    let size = sd.default_size();
+    let scaling = sd.vae.config().scaling_factor;
+    let noise_cfg = crate::diffusion::SchedulerConfig::for_training(&sd.scheduler_json)?;
+    let schedule = crate::diffusion::NoiseSchedule::new(&noise_cfg)?;
+    let n_train = schedule.num_train_timesteps() as i64;
+    let run_cfg = serde_json::json!({"train": cfg, "hypernet": hcfg});
+    let acc = cfg.accumulate;
+    train(
+        &job.out.join("run"),
+        &cfg.loop_cfg,
+        &run_cfg,
+        &mut vs,
+        job.resume,
+        "hypernet",
+        |step| {
+            let (mut total, mut ft_sum, mut reg_sum, mut prior_sum, mut base_sum) =
+                (0.0, 0.0, 0.0, 0.0, 0.0);
+            for micro in 0..acc {
+                let seed = super::step_seed(cfg.world_seed, step * acc as u64 + micro as u64);
+                let mb = micro_batch(cfg, &job.data, &hyper, size, seed)?;
+                let b = mb.pixels.size()[0];
+                // 1–2. h(x) → per-sample LoRA; prior rows reuse their subject's prediction.
+                let theta = hyper.forward(&mb.pixels)?;
+                let rows = if mb.prior_rows { 2 } else { 1 };
+                let theta_rows: Vec<Tensor> = theta.iter().map(|t| t.repeat([rows, 1])).collect();
+                let lora = hyper.lora_batch(
+                    &theta_rows,
+                    &Tensor::ones([rows * b], (Kind::Float, device)),
+                )?;
+                // 3. Frozen VAE and text encoder.
+                let (latents, ctx) = tch::no_grad(|| -> Result<(Tensor, Tensor)> {
+                    let z = sd.vae.encode(&mb.targets.to_device(device))?.mean * scaling;
+                    let texts: Vec<&str> = mb.prompts.iter().map(String::as_str).collect();
+                    let ids = sd.tokenizer.encode_batch(&texts).to_device(device);
+                    Ok((z, sd.text_encoder.forward(&ids)?))
+                })?;
+                let n = latents.size()[0];
+                let t = Tensor::randint(n_train, [n], (Kind::Int64, device));
+                let noise = latents.randn_like();
+                let noisy = schedule.add_noise(&latents, &noise, &t)?;
+                let target = schedule.target(&latents, &noise, &t)?;
+                let pred = sd.unet.forward(&noisy, &t, &ctx, Some(&lora))?;
+                // Diagnostic: the frozen base on the same noisy subject rows (ΔW = 0).
+                let l_base = tch::no_grad(|| -> Result<f64> {
+                    let p0 = sd.unet.forward(
+                        &noisy.narrow(0, 0, b),
+                        &t.narrow(0, 0, b),
+                        &ctx.narrow(0, 0, b),
+                        None,
+                    )?;
+                    Ok((p0 - target.narrow(0, 0, b))
+                        .square()
+                        .mean(Kind::Float)
+                        .double_value(&[]))
+                })?;
+                base_sum += l_base;
+                // [rows·B, C, h, w] → per-row MSE [rows·B]
+                let per_row =
+                    (pred - target)
+                        .square()
+                        .flatten(1, -1)
+                        .mean_dim(1, false, Kind::Float);
+                let l_ft = per_row.narrow(0, 0, b).mean(Kind::Float);
+                // 5. λ‖h(x)‖²
+                let reg = hyper.squared_norm(&theta)?.mean(Kind::Float);
+                let mut loss = &l_ft + &reg * cfg.lambda;
+                if mb.prior_rows {
+                    // 4. γ·L_reg
+                    let l_prior = per_row.narrow(0, b, b).mean(Kind::Float);
+                    prior_sum += l_prior.double_value(&[]);
+                    loss += l_prior * cfg.gamma;
+                }
+                let loss = loss / acc as f64;
+                total += loss.double_value(&[]);
+                ft_sum += l_ft.double_value(&[]);
+                reg_sum += reg.double_value(&[]);
+                if !total.is_finite() {
+                    break;
+                }
+                loss.backward();
+            }
+            let k = acc as f64;
+            let mut metrics = vec![
+                ("l_ft", ft_sum / k),
+                ("l_base", base_sum / k),
+                ("norm_sq", reg_sum / k),
+            ];
+            if cfg.gamma > 0.0 {
+                metrics.push(("l_prior", prior_sum / k));
+            }
+            Ok(StepOutput {
+                loss: Tensor::from(total),
+                metrics,
+            })
+        },
+    )
+    .context("training the hypernetwork")?;
+    let out = job.out.join("hypernet.safetensors");
+    hyper.save(&vs, &out, true)?;
+    Ok(out)
+}
