@@ -138,6 +138,30 @@ fn losses(run: &Path) -> Vec<f64> {
         .collect()
 }
 
+/// `train hypernet` arguments (the encoder is the tiny random ViT fixture), plus `extra`.
+fn train_args(cfg: &Path, out: &Path, base: &Path, data: &Path, extra: &[&str]) -> Vec<String> {
+    let encoder = fixtures().join("metrics/dino");
+    let mut v: Vec<String> = ["train", "hypernet", "--config"].map(String::from).to_vec();
+    for (flag, path) in [
+        (None, cfg),
+        (Some("--out"), out),
+        (Some("--base"), base),
+        (Some("--encoder"), &encoder),
+        (Some("--data"), data),
+    ] {
+        if let Some(f) = flag {
+            v.push(f.to_string());
+        }
+        v.push(path.to_str().unwrap().to_string());
+    }
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
 #[test]
 fn real_folder_training_personalize_and_generate() {
     let tmp = tempfile::tempdir().unwrap();
@@ -146,21 +170,7 @@ fn real_folder_training_personalize_and_generate() {
     let cfg = train_config(tmp.path(), 30);
     let out = tmp.path().join("run");
     let base = pipeline("tiny-a");
-    let encoder = fixtures().join("metrics/dino");
-    let o = loracast(&[
-        "train",
-        "hypernet",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--base",
-        base.to_str().unwrap(),
-        "--encoder",
-        encoder.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-    ]);
+    let o = loracast(&strs(&train_args(&cfg, &out, &base, &data, &[])));
     assert!(o.status.success(), "{}", stderr(&o));
     // The diffusion loss goes down over a short run (means of the first and last 10 steps).
     let l = losses(&out);
@@ -309,61 +319,31 @@ fn real_folder_training_personalize_and_generate() {
     std::fs::write(&prior_cfg, v.to_string()).unwrap();
     let prior_out = tmp.path().join("prior");
     let class = fixtures().join("metrics/images");
-    let o = loracast(&[
-        "train",
-        "hypernet",
-        "--config",
-        prior_cfg.to_str().unwrap(),
-        "--out",
-        prior_out.to_str().unwrap(),
-        "--base",
-        base.to_str().unwrap(),
-        "--encoder",
-        encoder.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--class-data",
-        class.to_str().unwrap(),
-    ]);
+    let o = loracast(&strs(&train_args(
+        &prior_cfg,
+        &prior_out,
+        &base,
+        &data,
+        &["--class-data", class.to_str().unwrap()],
+    )));
     assert!(o.status.success(), "{}", stderr(&o));
     let log = std::fs::read_to_string(prior_out.join("run/metrics.jsonl")).unwrap();
     assert!(log.lines().all(|l| l.contains("l_prior")), "{log}");
     assert_fails(
-        &[
-            "train",
-            "hypernet",
-            "--config",
-            prior_cfg.to_str().unwrap(),
-            "--out",
-            tmp.path().join("noclass").to_str().unwrap(),
-            "--base",
-            base.to_str().unwrap(),
-            "--encoder",
-            encoder.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-        ],
+        &strs(&train_args(
+            &prior_cfg,
+            &tmp.path().join("noclass"),
+            &base,
+            &data,
+            &[],
+        )),
         None,
         "--class-data",
     );
 
     // Training for another base refuses to resume this run's checkpoint.
     assert_fails(
-        &[
-            "train",
-            "hypernet",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--base",
-            other.to_str().unwrap(),
-            "--encoder",
-            encoder.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--resume",
-        ],
+        &strs(&train_args(&cfg, &out, &other, &data, &["--resume"])),
         None,
         "different config",
     );

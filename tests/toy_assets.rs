@@ -37,7 +37,8 @@ fn shipped_evaluators_are_accurate_on_heldout_renders() {
 #[test]
 fn demo_writes_report_and_metrics() {
     let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("demo");
+    // Missing parent folders of --out are created.
+    let out = tmp.path().join("reports/demo");
     let args = [
         "demo",
         "--subjects",

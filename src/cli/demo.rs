@@ -85,12 +85,21 @@ pub fn run(args: DemoArgs) -> Result<()> {
     {
         bail!("--steps must be ≥ 1 and the guidance and LoRA scales finite");
     }
-    super::check_out_parent(&args.out)?;
     if args.out.exists() && !args.force {
         bail!(
             "--out {} already exists (pass --force to replace it)",
             args.out.display()
         );
+    }
+    // The report folder's parents are created (it is a folder of outputs, like `train --out`).
+    if let Some(parent) = args.out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).with_context(|| {
+            format!(
+                "--out {}: cannot create {}",
+                args.out.display(),
+                parent.display()
+            )
+        })?;
     }
     let device = super::parse_device(&args.device)?;
     let start = Instant::now();
