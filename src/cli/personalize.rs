@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{Context as _, Result};
 use clap::Args;
 
 use crate::hypernet::Hypernetwork;
@@ -46,15 +46,8 @@ pub fn run(args: PersonalizeArgs) -> Result<()> {
         .map(|p| RgbImage::open(p))
         .collect::<Result<Vec<_>>>()?;
     for (img, path) in images.iter().zip(&args.images) {
-        let min = crate::hypernet::MIN_IMAGE_SIDE;
-        if img.width < min || img.height < min {
-            bail!(
-                "image {}: {}×{} pixels is too small to show a subject (at least {min}×{min})",
-                path.display(),
-                img.width,
-                img.height
-            );
-        }
+        crate::hypernet::check_image_size(img)
+            .with_context(|| format!("image {}", path.display()))?;
     }
     let path = crate::toy::resolve_hypernet(&args.hypernet)?;
     let (hyper, _vs) = Hypernetwork::load(&path, device)?;

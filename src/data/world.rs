@@ -614,9 +614,21 @@ impl World {
         (seed, Jitter::from_seed(seed))
     }
 
-    /// Identity, context and jitter in one draw.
-    pub fn sample(&mut self, split: Split) -> Sample {
-        let identity = self.identity(split);
+    /// `n` distinct identities of `split` (all of them when it has fewer), in draw order.
+    pub fn distinct_identities(&mut self, split: Split, n: usize) -> Vec<Identity> {
+        let n = n.min(split.identities().len());
+        let mut ids: Vec<Identity> = Vec::with_capacity(n);
+        while ids.len() < n {
+            let id = self.identity(split);
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+        ids
+    }
+
+    /// `identity` in a fresh context with fresh jitter.
+    pub fn view(&mut self, identity: Identity) -> Sample {
         let context = self.context();
         let (jitter_seed, jitter) = self.jitter();
         Sample {
@@ -625,6 +637,12 @@ impl World {
             jitter_seed,
             jitter,
         }
+    }
+
+    /// Identity, context and jitter in one draw.
+    pub fn sample(&mut self, split: Split) -> Sample {
+        let identity = self.identity(split);
+        self.view(identity)
     }
 }
 

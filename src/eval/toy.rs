@@ -36,14 +36,7 @@ pub fn heldout_subjects(seed: u64, n: usize, prompts: usize) -> Vec<Subject> {
         if out.iter().any(|s| s.identity == identity) {
             continue;
         }
-        let context = world.context();
-        let (jitter_seed, jitter) = world.jitter();
-        let reference = Sample {
-            identity,
-            context,
-            jitter_seed,
-            jitter,
-        };
+        let reference = world.view(identity);
         let contexts = (0..prompts).map(|_| world.context()).collect();
         out.push(Subject {
             identity,

@@ -36,6 +36,18 @@ pub const MIN_IMAGE_SIDE: u32 = 16;
 
 const FORMAT: &str = "loracast-hypernet-v1";
 
+/// Fails on images too small to show a subject (sides below [`MIN_IMAGE_SIDE`]).
+pub fn check_image_size(img: &RgbImage) -> Result<()> {
+    if img.width < MIN_IMAGE_SIDE || img.height < MIN_IMAGE_SIDE {
+        bail!(
+            "{}×{} pixels is too small to show a subject (at least {MIN_IMAGE_SIDE}×{MIN_IMAGE_SIDE})",
+            img.width,
+            img.height
+        );
+    }
+    Ok(())
+}
+
 /// Everything needed to rebuild a hypernetwork (stored in its file's metadata).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -261,13 +273,7 @@ impl Hypernetwork {
     /// Preprocessed pixel values of user images: `[N, 3, S, S]`.
     pub fn pixel_values(&self, images: &[RgbImage]) -> Result<Tensor> {
         for img in images {
-            if img.width < MIN_IMAGE_SIDE || img.height < MIN_IMAGE_SIDE {
-                bail!(
-                    "image of {}×{} pixels is too small (at least {MIN_IMAGE_SIDE}×{MIN_IMAGE_SIDE})",
-                    img.width,
-                    img.height
-                );
-            }
+            check_image_size(img)?;
         }
         self.preprocess.batch(images)
     }

@@ -184,13 +184,10 @@ fn export(
         crate::util::write_atomic(&path, serde_json::to_string_pretty(v)?.as_bytes())
     };
     let tensors = |vs: &nn::VarStore, prefix: &str| -> Vec<(String, Tensor)> {
-        let mut v: Vec<(String, Tensor)> = vs
-            .variables()
+        crate::io::safetensors::sorted_variables(vs)
             .into_iter()
-            .filter_map(|(n, t)| n.strip_prefix(prefix).map(|n| (n.to_string(), t.detach())))
-            .collect();
-        v.sort_by(|a, b| a.0.cmp(&b.0));
-        v
+            .filter_map(|(n, t)| n.strip_prefix(prefix).map(|n| (n.to_string(), t)))
+            .collect()
     };
     let version = "0.42.1";
     write_json(

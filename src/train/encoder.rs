@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 
 use super::{train, LoopConfig, StepOutput};
-use crate::data::{images_to_tensor, Identity, Sample, Split, World, IMAGE_SIZE};
+use crate::data::{images_to_tensor, Split, World, IMAGE_SIZE};
 use crate::io::safetensors::save;
 use crate::models::vit::{ViTConfig, ViTModel};
 use crate::nn::Linear;
@@ -55,29 +55,14 @@ pub fn toy_preprocessor() -> serde_json::Value {
 /// `n` distinct train-split subjects, each rendered in two fresh contexts: `[2n, 3, S, S]`
 /// ordered (view 1 of every subject, then view 2).
 pub fn two_views(world: &mut World, n: i64) -> Tensor {
-    let mut ids: Vec<Identity> = Vec::new();
-    while (ids.len() as i64) < n {
-        let id = world.identity(Split::Train);
-        if !ids.contains(&id) {
-            ids.push(id);
-        }
-    }
-    let mut images = Vec::new();
-    for _ in 0..2 {
-        for id in &ids {
-            let context = world.context();
-            let (_, jitter) = world.jitter();
-            images.push(
-                Sample {
-                    identity: *id,
-                    context,
-                    jitter_seed: 0,
-                    jitter,
-                }
-                .render(),
-            );
-        }
-    }
+    let ids = world.distinct_identities(Split::Train, n as usize);
+    let images: Vec<_> = (0..2)
+        .flat_map(|_| {
+            ids.iter()
+                .map(|id| world.view(*id).render())
+                .collect::<Vec<_>>()
+        })
+        .collect();
     images_to_tensor(&images)
 }
 
@@ -144,13 +129,10 @@ fn export(cfg: &EncoderConfig, vs: &nn::VarStore, out: &Path) -> Result<PathBuf>
         std::fs::remove_dir_all(&tmp)?;
     }
     std::fs::create_dir_all(&tmp)?;
-    let mut tensors: Vec<(String, Tensor)> = vs
-        .variables()
+    let tensors: Vec<(String, Tensor)> = crate::io::safetensors::sorted_variables(vs)
         .into_iter()
         .filter(|(n, _)| !n.starts_with("projection_head."))
-        .map(|(n, t)| (n, t.detach()))
         .collect();
-    tensors.sort_by(|a, b| a.0.cmp(&b.0));
     save(&tensors, Kind::Float, None, &tmp.join("model.safetensors"))?;
     let mut config = serde_json::to_value(&cfg.vit)?;
     config["architectures"] = serde_json::json!(["ViTModel"]);

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 
 use super::{train, LoopConfig, StepOutput};
-use crate::data::{subject_prompt, Identity, Sample, Split, World, DEFAULT_TOKEN};
+use crate::data::{subject_prompt, Sample, Split, World, DEFAULT_TOKEN};
 use crate::hypernet::{DecoderConfig, HypernetConfig, Hypernetwork};
 use crate::io::preprocess::{Preprocess, RgbImage};
 use crate::models::vit::ViTModel;
@@ -197,29 +197,12 @@ fn micro_batch(
     let (mut prior_targets, mut prior_prompts) = (Vec::new(), Vec::new());
     match data {
         TrainData::Toy => {
-            let mut ids: Vec<Identity> = Vec::new();
-            while (ids.len() as i64) < cfg.batch {
-                let id = world.identity(Split::Train);
-                if !ids.contains(&id) {
-                    ids.push(id);
-                }
-            }
-            for id in ids {
-                let view = |w: &mut World| {
-                    let context = w.context();
-                    let (jitter_seed, jitter) = w.jitter();
-                    Sample {
-                        identity: id,
-                        context,
-                        jitter_seed,
-                        jitter,
-                    }
-                };
-                let input = view(&mut world);
+            for id in world.distinct_identities(Split::Train, cfg.batch as usize) {
+                let input = world.view(id);
                 let (target, prompt) = match cfg.mode {
                     DataMode::Single => (input, format!("a {} {}", cfg.token, cfg.class_word)),
                     DataMode::CrossView => {
-                        let t = view(&mut world);
+                        let t = world.view(id);
                         let p = subject_prompt(&t.context, &cfg.token);
                         (t, p)
                     }

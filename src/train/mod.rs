@@ -232,12 +232,7 @@ fn save_checkpoint(
     opt: &AdamW,
     step: u64,
 ) -> Result<()> {
-    let mut tensors: Vec<(String, Tensor)> = tch::no_grad(|| {
-        vs.variables()
-            .into_iter()
-            .map(|(n, t)| (n, t.detach()))
-            .collect()
-    });
+    let mut tensors = crate::io::safetensors::sorted_variables(vs);
     tensors.extend(opt.state());
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     let meta = [
