@@ -40,6 +40,14 @@ pub fn resolve_hypernet(arg: &Path) -> Result<PathBuf> {
     }
 }
 
+/// `toy` → the shipped λ = 0 hypernetwork (issue 6's comparison); anything else is a path.
+pub fn resolve_hypernet_lambda0(arg: &Path) -> Result<PathBuf> {
+    match arg.to_str() {
+        Some(NAME) => shipped("hypernet-lambda0.safetensors", "λ = 0 hypernetwork"),
+        _ => Ok(arg.to_path_buf()),
+    }
+}
+
 /// `toy` → the shipped evaluators folder; anything else is a path.
 pub fn resolve_evaluators(arg: &Path) -> Result<PathBuf> {
     match arg.to_str() {

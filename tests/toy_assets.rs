@@ -172,3 +172,80 @@ fn toy_names_resolve_and_another_base_is_refused() {
         "another base model",
     );
 }
+
+#[test]
+fn experiment_paper_writes_every_row_in_the_demo_schema() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("exp");
+    let o = loracast(&[
+        "experiment",
+        "paper",
+        "--subjects",
+        "1",
+        "--prompts",
+        "1",
+        "--steps",
+        "3",
+        "--kappas",
+        "0.6,1.2",
+        "--dreambooth-steps",
+        "2,3",
+        "--fastft-steps",
+        "2",
+        "--only",
+        "base,hypernet,dreambooth_lora,hypernet_fastft",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(html.contains("<svg") && html.contains("κ=1.2"), "no κ plot");
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let rows = m["rows"].as_array().unwrap();
+    let label = |r: &serde_json::Value| {
+        format!(
+            "{}/{}/{}/{}",
+            r["method"].as_str().unwrap(),
+            r["guidance"].as_str().unwrap(),
+            r["kappa"],
+            r.get("finetune_steps").cloned().unwrap_or_default()
+        )
+    };
+    let labels: Vec<String> = rows.iter().map(label).collect();
+    assert_eq!(
+        labels,
+        [
+            "base/cfg/null/null",
+            "hypernet/cfg/null/null",
+            "hypernet/hm-cfg/0.6/null",
+            "hypernet/hm-cfg/1.2/null",
+            "dreambooth_lora/cfg/null/2",
+            "dreambooth_lora/cfg/null/3",
+            "hypernet_fastft/cfg/null/2",
+        ]
+    );
+    for r in rows {
+        for k in ["subject_fidelity", "prompt_fidelity"] {
+            assert!((0.0..=1.0).contains(&r[k].as_f64().unwrap()), "{r}");
+        }
+        let secs = r["seconds_per_subject"].as_f64().unwrap();
+        match r["method"].as_str().unwrap() {
+            "base" => assert_eq!(secs, 0.0),
+            _ => assert!(secs > 0.0, "{r}: not timed"),
+        }
+    }
+    // Bad arguments: one line, non-zero exit.
+    let bad = tmp.path().join("bad");
+    let b = bad.to_str().unwrap();
+    assert_fails(
+        &["experiment", "paper", "--only", "nope", "--out", b],
+        Some(&bad),
+        "nope",
+    );
+    assert_fails(
+        &["experiment", "paper", "--kappas", "3", "--out", b],
+        Some(&bad),
+        "--kappas",
+    );
+}

@@ -176,3 +176,41 @@ fn a_finished_run_extends_with_more_steps_like_a_longer_run() {
         assert!(t1.equal(t2), "{n1} differs after extending");
     }
 }
+
+#[test]
+fn a_cooldown_branches_from_the_constant_phase_only() {
+    let cooled = LoopConfig {
+        steps: 12,
+        cooldown: 4,
+        ..LoopConfig::tiny()
+    };
+    // Warm-up 2, constant, then linear to lr/4 at the last step.
+    let lrs: Vec<f64> = (0..12).map(|k| cooled.lr_at(k) / cooled.lr).collect();
+    assert_eq!(&lrs[..2], &[0.5, 1.0]);
+    assert_eq!(&lrs[7..], &[1.0, 1.0, 0.75, 0.5, 0.25]);
+    let constant = LoopConfig {
+        steps: 8,
+        ..cooled.clone()
+    };
+    let constant = LoopConfig {
+        cooldown: 0,
+        ..constant
+    };
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let straight = run(a.path(), &cooled, false, None).unwrap();
+    run(b.path(), &constant, false, None).unwrap();
+    let branched = run(b.path(), &cooled, true, None).unwrap();
+    for ((n1, t1), (_, t2)) in weights(&straight).iter().zip(weights(&branched).iter()) {
+        assert!(
+            t1.equal(t2),
+            "{n1} differs after branching into the cooldown"
+        );
+    }
+    // A run that has decayed cannot be extended as if it had not.
+    let longer = LoopConfig {
+        steps: 16,
+        ..cooled
+    };
+    let err = run(a.path(), &longer, true, None).unwrap_err().to_string();
+    assert!(err.contains("cooldown"), "{err}");
+}

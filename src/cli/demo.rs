@@ -4,18 +4,17 @@
 //! several context prompts with the base model, the hypernetwork + CFG and the hypernetwork +
 //! HM-CFG (κ = 1), scores every image with the shipped evaluators, and writes
 //! `DIR/metrics.json`, `DIR/report.html` and the images under `DIR/images/`.
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{bail, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::data::{caption, subject_prompt, Context, Identity, DEFAULT_TOKEN};
+use crate::data::{Context, Identity};
 use crate::eval::fidelity::Evaluators;
 use crate::eval::toy::{
-    ceiling, heldout_subjects, personalize_all, run_method, to_png_bytes, Guide, Row, Sampling,
-    Subject,
+    ceiling, heldout_subjects, personalize_all, run_method, Guide, Row, Sampling, Subject,
 };
 use crate::hypernet::Hypernetwork;
 use crate::pipeline::StableDiffusion;
@@ -85,22 +84,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     {
         bail!("--steps must be ≥ 1 and the guidance and LoRA scales finite");
     }
-    if args.out.exists() && !args.force {
-        bail!(
-            "--out {} already exists (pass --force to replace it)",
-            args.out.display()
-        );
-    }
-    // The report folder's parents are created (it is a folder of outputs, like `train --out`).
-    if let Some(parent) = args.out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).with_context(|| {
-            format!(
-                "--out {}: cannot create {}",
-                args.out.display(),
-                parent.display()
-            )
-        })?;
-    }
+    super::prepare_report_dir(&args.out, args.force)?;
     let device = super::parse_device(&args.device)?;
     let start = Instant::now();
     let base = crate::toy::resolve_base(&args.base)?;
@@ -167,6 +151,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
             subject_fidelity: m.subject_fidelity,
             prompt_fidelity: m.prompt_fidelity,
             seconds_per_subject: if lora.is_some() { seconds } else { 0.0 },
+            finetune_steps: None,
             subject_attributes: m.subject_attributes,
             prompt_attributes: m.prompt_attributes,
         });
@@ -183,7 +168,25 @@ pub fn run(args: DemoArgs) -> Result<()> {
         rows,
         images,
     };
-    write_report(&args.out, &outcome, &args)?;
+    let settings = serde_json::json!({"seed": args.seed, "subjects": outcome.subjects.len(),
+        "prompts": args.prompts, "guidance_scale": args.guidance_scale, "steps": args.steps,
+        "hm_guidance_scale": sampling.hm_guidance_scale, "lora_scale": args.lora_scale});
+    let grid: Vec<usize> = (0..outcome.rows.len()).collect();
+    crate::eval::report::write(
+        &args.out,
+        &crate::eval::report::Report {
+            title: "loracast demo: toy world, held-out subjects",
+            json_name: "metrics.json",
+            subjects: &outcome.subjects,
+            rows: &outcome.rows,
+            images: &outcome.images,
+            grid_rows: &grid,
+            chance: outcome.chance,
+            ceiling: outcome.ceiling,
+            settings,
+            extra_html: String::new(),
+        },
+    )?;
     let attrs = |m: &std::collections::BTreeMap<String, f64>| {
         m.iter()
             .map(|(k, v)| format!("{k} {v:.2}"))
@@ -211,96 +214,5 @@ pub fn run(args: DemoArgs) -> Result<()> {
         args.out.display(),
         start.elapsed().as_secs_f64()
     );
-    Ok(())
-}
-
-/// Writes the report into `out.tmp`, then swaps it in for `out`.
-fn write_report(out: &Path, o: &DemoOutcome, args: &DemoArgs) -> Result<()> {
-    let tmp = out.with_extension("tmp");
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
-    }
-    let result = (|| -> Result<()> {
-        std::fs::create_dir_all(tmp.join("images"))?;
-        let metrics = serde_json::json!({
-            "chance": {"subject_fidelity": o.chance.0, "prompt_fidelity": o.chance.1},
-            "ceiling": {"subject_fidelity": o.ceiling.0, "prompt_fidelity": o.ceiling.1},
-            "rows": o.rows,
-            "settings": {"seed": args.seed, "subjects": o.subjects.len(), "prompts": args.prompts,
-                         "guidance_scale": args.guidance_scale, "steps": args.steps,
-                         "hm_guidance_scale": args.hm_guidance_scale.unwrap_or(args.guidance_scale / 2.0),
-                         "lora_scale": args.lora_scale},
-        });
-        crate::util::write_atomic(
-            &tmp.join("metrics.json"),
-            serde_json::to_string_pretty(&metrics)?.as_bytes(),
-        )?;
-        let labels: Vec<String> = o
-            .rows
-            .iter()
-            .map(|r| match r.kappa {
-                Some(k) => format!("{} {} κ={k}", r.method, r.guidance),
-                None => format!("{} {}", r.method, r.guidance),
-            })
-            .collect();
-        let mut html = String::from(
-            "<!doctype html><meta charset=utf-8><title>loracast demo</title><style>body{font-family:sans-serif}img{width:96px;image-rendering:pixelated}td,th{padding:4px;text-align:center;font-size:12px}table{border-collapse:collapse}</style>\n<h1>loracast demo: toy world, held-out subjects</h1>\n",
-        );
-        html.push_str("<h2>Metrics</h2><table border=1><tr><th>method<th>guidance<th>κ<th>λ<th>subject fidelity<th>prompt fidelity<th>s/subject</tr>\n");
-        let opt = |v: Option<f64>| v.map(|x| format!("{x}")).unwrap_or_else(|| "–".into());
-        for r in &o.rows {
-            html.push_str(&format!(
-                "<tr><td>{}<td>{}<td>{}<td>{}<td>{:.3}<td>{:.3}<td>{:.4}</tr>\n",
-                r.method,
-                r.guidance,
-                opt(r.kappa),
-                opt(r.lambda),
-                r.subject_fidelity,
-                r.prompt_fidelity,
-                r.seconds_per_subject
-            ));
-        }
-        html.push_str(&format!(
-            "<tr><td colspan=4>chance (exact)<td>{:.3}<td>{:.3}<td></tr><tr><td colspan=4>ceiling (renders through the VAE)<td>{:.3}<td>{:.3}<td></tr></table>\n",
-            o.chance.0, o.chance.1, o.ceiling.0, o.ceiling.1
-        ));
-        html.push_str("<h2>Generations</h2><p>Each cell: ");
-        html.push_str(&labels.join(" | "));
-        html.push_str("</p><table border=1>\n");
-        for (i, s) in o.subjects.iter().enumerate() {
-            let reference = format!("images/s{i}_reference.png");
-            std::fs::write(tmp.join(&reference), s.reference.render().png_bytes()?)?;
-            html.push_str(&format!(
-                "<tr><td><img src=\"{reference}\"><br>reference<br>{}</td>",
-                s.identity
-            ));
-            for (j, ctx) in s.contexts.iter().enumerate() {
-                html.push_str("<td>");
-                for (m, imgs) in o.images.iter().enumerate() {
-                    let name = format!("images/s{i}_p{j}_m{m}.png");
-                    std::fs::write(tmp.join(&name), to_png_bytes(&imgs[i][j])?)?;
-                    html.push_str(&format!("<img src=\"{name}\" title=\"{}\">", labels[m]));
-                }
-                html.push_str(&format!(
-                    "<br>{}<br><i>{}</i></td>",
-                    subject_prompt(ctx, DEFAULT_TOKEN),
-                    caption(ctx)
-                ));
-            }
-            html.push_str("</tr>\n");
-        }
-        html.push_str("</table>\n");
-        std::fs::write(tmp.join("report.html"), html)?;
-        Ok(())
-    })();
-    if let Err(e) = result {
-        std::fs::remove_dir_all(&tmp).ok();
-        return Err(e).context(format!("writing {}", out.display()));
-    }
-    if out.exists() {
-        std::fs::remove_dir_all(out)
-            .with_context(|| format!("cannot replace {}", out.display()))?;
-    }
-    std::fs::rename(&tmp, out).with_context(|| format!("cannot write {}", out.display()))?;
     Ok(())
 }

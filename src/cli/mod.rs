@@ -2,6 +2,8 @@
 //! work, exits non-zero with one clear line on bad input, and writes outputs atomically.
 mod bench;
 mod demo;
+mod experiment;
+mod finetune;
 mod generate;
 mod lora;
 mod personalize;
@@ -43,6 +45,11 @@ enum Command {
     /// The toy world: render subjects in contexts with captions and metadata.
     #[command(subcommand)]
     World(world::WorldCommand),
+    /// DreamBooth-LoRA finetuning on a subject's images (or fast finetuning from --init-lora).
+    Finetune(finetune::FinetuneArgs),
+    /// The papers' experiments on the toy world (results.json + report.html).
+    #[command(subcommand)]
+    Experiment(experiment::ExperimentCommand),
     /// A subject's images → LoRA with a trained hypernetwork (no finetuning).
     Personalize(personalize::PersonalizeArgs),
     /// CLIP-I, CLIP-T and DINO of one generated image (prints JSON).
@@ -86,6 +93,8 @@ pub fn main() -> i32 {
         Command::Lora(cmd) => lora::run(cmd),
         Command::World(cmd) => world::run(cmd),
         Command::Personalize(args) => personalize::run(args),
+        Command::Finetune(args) => finetune::run(args),
+        Command::Experiment(cmd) => experiment::run(cmd),
         Command::Score(args) => score::run(args),
         Command::ScoreBench(args) => score::run_bench(args),
     };
@@ -146,6 +155,42 @@ pub(crate) fn check_out_parent(path: &Path) -> Result<()> {
 }
 
 /// `--device cpu|cuda`.
+/// A report folder `--out`: refused if it exists without `--force`; its parents are created
+/// (it is a folder of outputs, like `train --out`).
+pub(crate) fn prepare_report_dir(out: &Path, force: bool) -> Result<()> {
+    if out.exists() && !force {
+        bail!(
+            "--out {} already exists (pass --force to replace it)",
+            out.display()
+        );
+    }
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| {
+            anyhow::anyhow!(
+                "--out {}: cannot create {}: {e}",
+                out.display(),
+                parent.display()
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// Decodes every `--image` and checks its size, before any model loads.
+pub(crate) fn read_subject_images(
+    paths: &[PathBuf],
+) -> Result<Vec<crate::io::preprocess::RgbImage>> {
+    let images = paths
+        .iter()
+        .map(|p| crate::io::preprocess::RgbImage::open(p))
+        .collect::<Result<Vec<_>>>()?;
+    for (img, path) in images.iter().zip(paths) {
+        crate::hypernet::check_image_size(img)
+            .map_err(|e| anyhow::anyhow!("image {}: {e}", path.display()))?;
+    }
+    Ok(images)
+}
+
 pub(crate) fn parse_device(name: &str) -> Result<tch::Device> {
     match name {
         "cpu" => Ok(tch::Device::Cpu),

@@ -4,11 +4,10 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use clap::Args;
 
 use crate::hypernet::Hypernetwork;
-use crate::io::preprocess::RgbImage;
 use crate::lora::format::{write_lora, LoraFormat};
 
 #[derive(Args, Debug)]
@@ -40,15 +39,7 @@ pub fn run(args: PersonalizeArgs) -> Result<()> {
     let format = LoraFormat::from_cli_name(&args.format)?;
     let device = super::parse_device(&args.device)?;
     // Every image is decoded and checked before the model loads.
-    let images = args
-        .images
-        .iter()
-        .map(|p| RgbImage::open(p))
-        .collect::<Result<Vec<_>>>()?;
-    for (img, path) in images.iter().zip(&args.images) {
-        crate::hypernet::check_image_size(img)
-            .with_context(|| format!("image {}", path.display()))?;
-    }
+    let images = super::read_subject_images(&args.images)?;
     let path = crate::toy::resolve_hypernet(&args.hypernet)?;
     let (hyper, _vs) = Hypernetwork::load(&path, device)?;
     if let Some(base) = &args.base {

@@ -3,4 +3,5 @@
 pub mod classifier;
 pub mod fidelity;
 pub mod metrics;
+pub mod report;
 pub mod toy;

@@ -64,6 +64,9 @@ pub struct Row {
     pub subject_fidelity: f64,
     pub prompt_fidelity: f64,
     pub seconds_per_subject: f64,
+    /// Optimisation steps per subject (finetuning methods).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finetune_steps: Option<u64>,
     /// Per identity attribute: fraction of images where the reference's value was recovered.
     pub subject_attributes: BTreeMap<String, f64>,
     /// Per context attribute: fraction of images showing the prompt's value.
@@ -221,4 +224,45 @@ pub fn to_png_bytes(image: &Tensor) -> Result<Vec<u8>> {
         rgb,
     }
     .png_bytes()
+}
+
+/// DreamBooth-LoRA per subject on its reference render (prompt "a sks creature", the paper's
+/// one-image setting); returns, for every step count in `snapshots`, the LoRAs and the mean
+/// seconds per subject to reach it. `init[i]` (fast finetuning) starts subject i from a LoRA.
+pub fn finetune_all(
+    sd: &StableDiffusion,
+    subjects: &[Subject],
+    cfg: &crate::train::finetune::FinetuneConfig,
+    init: Option<&[LoraSet]>,
+    snapshots: &[u64],
+    mut progress: impl FnMut(),
+) -> Result<Vec<(u64, Vec<LoraSet>, f64)>> {
+    use crate::train::finetune::{finetune_lora, Examples};
+    let size = sd.default_size();
+    let prompt = format!("a {DEFAULT_TOKEN} creature");
+    let mut snapshots = snapshots.to_vec();
+    snapshots.sort_unstable();
+    snapshots.dedup();
+    let mut out: Vec<(u64, Vec<LoraSet>, f64)> =
+        snapshots.iter().map(|&n| (n, Vec::new(), 0.0)).collect();
+    let steps = snapshots.last().copied().unwrap_or(0);
+    for (i, s) in subjects.iter().enumerate() {
+        let img = s.reference.render();
+        let rgb = RgbImage::new(img.width as u32, img.height as u32, img.rgb)?;
+        let subject =
+            Examples::with_prompt(vec![crate::train::target_tensor(&rgb, size)?], &prompt);
+        let cfg = crate::train::finetune::FinetuneConfig {
+            steps,
+            seed: cfg.seed ^ crate::data::rng::mix64(i as u64),
+            ..cfg.clone()
+        };
+        let init = init.map(|sets| &sets[i]);
+        let done = finetune_lora(sd, &cfg, &subject, None, init, &snapshots, false)?;
+        for ((_, sets, secs), (_, lora, t)) in out.iter_mut().zip(done.snapshots) {
+            sets.push(lora);
+            *secs += t / subjects.len() as f64;
+        }
+        progress();
+    }
+    Ok(out)
 }

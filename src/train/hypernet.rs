@@ -25,10 +25,10 @@ use anyhow::{bail, Context as _, Result};
 use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 
-use super::{train, LoopConfig, StepOutput};
+use super::{target_tensor, train, LoopConfig, StepOutput};
 use crate::data::{subject_prompt, Sample, Split, World, DEFAULT_TOKEN};
 use crate::hypernet::{DecoderConfig, HypernetConfig, Hypernetwork};
-use crate::io::preprocess::{Preprocess, RgbImage};
+use crate::io::preprocess::RgbImage;
 use crate::models::vit::ViTModel;
 use crate::pipeline::StableDiffusion;
 
@@ -168,19 +168,6 @@ struct MicroBatch {
 fn render_rgb(s: &Sample) -> Result<RgbImage> {
     let img = s.render();
     RgbImage::new(img.width as u32, img.height as u32, img.rgb)
-}
-
-/// Resize (shortest edge, bicubic) + centre crop to `size`, as `[3, size, size]` in [-1, 1].
-fn target_tensor(img: &RgbImage, size: i64) -> Result<Tensor> {
-    let s = size as u32;
-    let prep = Preprocess {
-        size: crate::io::preprocess::Size::ShortestEdge(s),
-        crop_size: (s, s),
-        image_mean: [0.5; 3],
-        image_std: [0.5; 3],
-        ..Preprocess::clip()
-    };
-    Ok(prep.pixel_values(img))
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -10,6 +10,7 @@
 pub mod base;
 pub mod encoder;
 pub mod evaluators;
+pub mod finetune;
 pub mod hypernet;
 pub mod optim;
 
@@ -44,6 +45,15 @@ pub struct LoopConfig {
     pub log_every: u64,
     #[serde(default)]
     pub seed: u64,
+    /// Steps at the end of the run over which the LR decays linearly to 0 (a warm-up–stable–
+    /// decay schedule; 0 = constant to the end). The decay averages out the last steps' noise,
+    /// as an EMA of the weights would.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cooldown: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 fn d_every() -> u64 {
@@ -65,6 +75,7 @@ impl LoopConfig {
             checkpoint_every: 4,
             log_every: 2,
             seed: 0,
+            cooldown: 0,
         }
     }
 
@@ -75,16 +86,29 @@ impl LoopConfig {
         if !self.lr.is_finite() || self.lr <= 0.0 || !self.weight_decay.is_finite() {
             bail!("lr must be a positive number and weight_decay finite");
         }
+        if self.cooldown > self.steps {
+            bail!(
+                "cooldown ({}) must not exceed steps ({})",
+                self.cooldown,
+                self.steps
+            );
+        }
         Ok(())
     }
 
-    /// Constant LR after a linear warm-up (diffusers' `constant_with_warmup`).
+    /// LR of step `step`: linear warm-up, constant (diffusers' `constant_with_warmup`), then,
+    /// with `cooldown`, linear decay over the last `cooldown` steps (the last step at lr/cooldown).
     pub fn lr_at(&self, step: u64) -> f64 {
-        if self.warmup == 0 {
-            self.lr
-        } else {
-            self.lr * ((step + 1) as f64 / self.warmup as f64).min(1.0)
-        }
+        let warm = match self.warmup {
+            0 => 1.0,
+            w => ((step + 1) as f64 / w as f64).min(1.0),
+        };
+        let stable_end = self.steps - self.cooldown;
+        let decay = match step >= stable_end && self.cooldown > 0 {
+            true => (self.steps - step) as f64 / self.cooldown as f64,
+            false => 1.0,
+        };
+        self.lr * warm * decay
     }
 }
 
@@ -112,6 +136,21 @@ pub struct Summary {
     /// (step, mean loss) at every log point of this run.
     pub losses: Vec<(u64, f64)>,
     pub seconds: f64,
+}
+
+/// A training image as the UNet's target: resize (shortest edge, bicubic) + centre crop to
+/// `size`, `[3, size, size]` in [-1, 1].
+pub fn target_tensor(img: &crate::io::preprocess::RgbImage, size: i64) -> Result<Tensor> {
+    use crate::io::preprocess::{Preprocess, Size};
+    let s = u32::try_from(size).context("image size")?;
+    let prep = Preprocess {
+        size: Size::ShortestEdge(s),
+        crop_size: (s, s),
+        image_mean: [0.5; 3],
+        image_std: [0.5; 3],
+        ..Preprocess::clip()
+    };
+    Ok(prep.pixel_values(img))
 }
 
 pub fn checkpoint_path(dir: &Path) -> PathBuf {
@@ -146,7 +185,7 @@ pub fn train(
                 dir.display()
             );
         }
-        start = load_checkpoint(&ckpt, config, vs, &mut opt)?;
+        start = load_checkpoint(&ckpt, config, cfg, vs, &mut opt)?;
         truncate_metrics(&metrics_path, start)?;
     } else if metrics_path.exists() {
         std::fs::remove_file(&metrics_path).ok();
@@ -212,7 +251,7 @@ pub fn train(
             extra.clear();
         }
         if done % cfg.checkpoint_every == 0 || done == cfg.steps {
-            save_checkpoint(&ckpt, config, vs, &opt, done)?;
+            save_checkpoint(&ckpt, config, cfg, vs, &opt, done)?;
             last_ckpt = done;
         }
     }
@@ -228,6 +267,7 @@ pub fn train(
 fn save_checkpoint(
     path: &Path,
     config: &serde_json::Value,
+    loop_cfg: &LoopConfig,
     vs: &VarStore,
     opt: &AdamW,
     step: u64,
@@ -239,6 +279,7 @@ fn save_checkpoint(
         ("format".to_string(), "loracast-checkpoint-v1".to_string()),
         ("step".to_string(), step.to_string()),
         ("config".to_string(), config.to_string()),
+        ("loop".to_string(), serde_json::to_string(loop_cfg)?),
     ]
     .into_iter()
     .collect();
@@ -249,6 +290,7 @@ fn save_checkpoint(
 fn load_checkpoint(
     path: &Path,
     config: &serde_json::Value,
+    loop_cfg: &LoopConfig,
     vs: &mut VarStore,
     opt: &mut AdamW,
 ) -> Result<u64> {
@@ -271,6 +313,26 @@ fn load_checkpoint(
             path.display()
         );
     }
+    // The steps so far must have run under the same LR schedule (a run may be extended, or
+    // branch into a cooldown, only from its constant phase). Checkpoints written before the
+    // `loop` entry existed had no cooldown.
+    let saved_loop: LoopConfig = match meta.get("loop") {
+        Some(l) => serde_json::from_str(l)
+            .with_context(|| format!("{}: unreadable loop config", path.display()))?,
+        None => LoopConfig {
+            steps: loop_cfg.steps.max(step),
+            cooldown: 0,
+            ..loop_cfg.clone()
+        },
+    };
+    if let Some(k) = (0..step).find(|&k| saved_loop.lr_at(k) != loop_cfg.lr_at(k)) {
+        bail!(
+            "{} ran step {k} at LR {} but this config gives {}: a run can only be extended from before its cooldown",
+            path.display(),
+            saved_loop.lr_at(k),
+            loop_cfg.lr_at(k)
+        );
+    }
     let names = file.names();
     let ignore: Vec<&str> = names
         .iter()
@@ -282,14 +344,15 @@ fn load_checkpoint(
     Ok(step)
 }
 
-/// A config with the `steps` of every loop removed: a run may be resumed with more (or fewer)
-/// steps — the LR schedule (constant after warm-up) does not depend on the total.
+/// A config with the `steps` and `cooldown` of every loop removed: a run may be resumed with
+/// more (or fewer) steps or another cooldown — [`load_checkpoint`] checks the LR schedule of
+/// the steps already run instead.
 fn without_steps(v: &serde_json::Value) -> serde_json::Value {
     match v {
         serde_json::Value::Object(map) => {
             let is_loop = map.contains_key("lr") && map.contains_key("warmup");
             map.iter()
-                .filter(|(k, _)| !(is_loop && k.as_str() == "steps"))
+                .filter(|(k, _)| !(is_loop && matches!(k.as_str(), "steps" | "cooldown")))
                 .map(|(k, x)| (k.clone(), without_steps(x)))
                 .collect::<serde_json::Map<_, _>>()
                 .into()

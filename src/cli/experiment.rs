@@ -1,0 +1,455 @@
+//! `loracast experiment paper [--seed S] [--subjects N] --out DIR`: the papers' experiments on
+//! held-out toy subjects (issue 6), every row in `demo`'s metrics schema, written to
+//! `DIR/results.json` with `DIR/report.html` (metrics table, κ trade-off plot, image grid):
+//! - `base` (CFG): the frozen model with the plain caption;
+//! - `hypernet` (chosen λ): CFG, and HM-CFG at every κ of `--kappas` (paper Tables 5, 9/10);
+//! - `hypernet_lambda0`: the same recipe trained with λ = 0 (paper Table 3);
+//! - `dreambooth_lora`: a LoRA finetuned per subject on its reference render, at every step
+//!   count of `--dreambooth-steps` (one run per subject, snapshots), timed (paper Tables 2/3);
+//! - `hypernet_fastft`: the hypernetwork's LoRA + rank-relaxed fast finetuning
+//!   (hyperdreambooth §4.3: the prediction frozen, a fresh rank-`--fastft-rank` LoRA trained for
+//!   `--fastft-steps` steps on top, timed including the hypernetwork).
+//!
+//! Every method sees the same subjects, reference renders, prompts and initial noise.
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::data::{Context, Identity, Split};
+use crate::eval::fidelity::Evaluators;
+use crate::eval::report::{write, Report};
+use crate::eval::toy::{
+    ceiling, finetune_all, heldout_subjects, personalize_all, run_method, Guide, Row, Sampling,
+};
+use crate::hypernet::Hypernetwork;
+use crate::lora::LoraSet;
+use crate::pipeline::StableDiffusion;
+use crate::train::finetune::FinetuneConfig;
+
+#[derive(Subcommand, Debug)]
+pub enum ExperimentCommand {
+    /// The papers' findings F1–F5 on held-out toy subjects → results.json + report.html.
+    Paper(PaperArgs),
+}
+
+/// Every method `experiment paper` can run (`--only`).
+const METHODS: [&str; 5] = [
+    "base",
+    "hypernet",
+    "hypernet_lambda0",
+    "dreambooth_lora",
+    "hypernet_fastft",
+];
+
+#[derive(Args, Debug)]
+pub struct PaperArgs {
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 16)]
+    pub subjects: usize,
+    /// Context prompts per subject.
+    #[arg(long, default_value_t = 4)]
+    pub prompts: usize,
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Replace --out if it exists.
+    #[arg(long)]
+    pub force: bool,
+    /// Comma-separated subset of: base, hypernet, hypernet_lambda0, dreambooth_lora, hypernet_fastft.
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
+    #[arg(long, default_value_t = 7.5)]
+    pub guidance_scale: f64,
+    /// HM-CFG's g (default: half of --guidance-scale, as in `demo`).
+    #[arg(long)]
+    pub hm_guidance_scale: Option<f64>,
+    #[arg(long, value_delimiter = ',', default_value = "0.4,0.6,0.8,1.0,1.2,1.6")]
+    pub kappas: Vec<f64>,
+    #[arg(long, default_value_t = 25)]
+    pub steps: usize,
+    /// DreamBooth-LoRA step counts (snapshots of one run per subject).
+    #[arg(long, value_delimiter = ',', default_value = "50,100,200,400")]
+    pub dreambooth_steps: Vec<u64>,
+    #[arg(long, default_value_t = 4)]
+    pub dreambooth_rank: i64,
+    #[arg(long, default_value_t = 1e-3)]
+    pub dreambooth_lr: f64,
+    #[arg(long, default_value_t = 40)]
+    pub fastft_steps: u64,
+    #[arg(long, default_value_t = 8)]
+    pub fastft_rank: i64,
+    #[arg(long, default_value_t = 1e-3)]
+    pub fastft_lr: f64,
+    #[arg(long, default_value = "toy")]
+    pub base: PathBuf,
+    #[arg(long, default_value = "toy")]
+    pub hypernet: PathBuf,
+    /// The λ = 0 hypernetwork (file or `toy`).
+    #[arg(long, default_value = "toy")]
+    pub hypernet_lambda0: PathBuf,
+    #[arg(long, default_value = "toy")]
+    pub evaluators: PathBuf,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+pub fn run(cmd: ExperimentCommand) -> Result<()> {
+    match cmd {
+        ExperimentCommand::Paper(args) => paper(args),
+    }
+}
+
+/// A method's LoRAs (none: the base model), how it is guided, and its row's fields.
+struct Plan<'a> {
+    method: &'static str,
+    guide: Guide,
+    lora: Option<&'a [LoraSet]>,
+    lambda: Option<f64>,
+    seconds: f64,
+    finetune_steps: Option<u64>,
+}
+
+fn paper(args: PaperArgs) -> Result<()> {
+    if args.subjects == 0 || args.prompts == 0 || args.steps == 0 {
+        bail!("--subjects, --prompts and --steps must be at least 1");
+    }
+    if let Some(bad) = args.only.iter().find(|m| !METHODS.contains(&m.as_str())) {
+        bail!("--only {bad:?}: expected some of {}", METHODS.join(", "));
+    }
+    if args.kappas.iter().any(|k| !(0.0..=2.0).contains(k)) {
+        bail!("--kappas must lie in [0, 2]");
+    }
+    if args.dreambooth_steps.is_empty() || args.dreambooth_steps.contains(&0) {
+        bail!("--dreambooth-steps must be positive step counts");
+    }
+    super::prepare_report_dir(&args.out, args.force)?;
+    let wants = |m: &str| args.only.is_empty() || args.only.iter().any(|o| o == m);
+    let device = super::parse_device(&args.device)?;
+    let start = Instant::now();
+    let sd = StableDiffusion::load(&crate::toy::resolve_base(&args.base)?, device)?;
+    let fingerprint = sd.unet.lora_fingerprint();
+    let load_hyper = |arg: &PathBuf, shipped: fn(&std::path::Path) -> Result<PathBuf>| {
+        let (h, vs) = Hypernetwork::load(&shipped(arg)?, device)?;
+        h.check_base(&fingerprint)?;
+        Ok::<_, anyhow::Error>((h, vs))
+    };
+    let need_hyper = wants("hypernet") || wants("hypernet_fastft");
+    let hyper = match need_hyper {
+        true => Some(load_hyper(&args.hypernet, crate::toy::resolve_hypernet)?),
+        false => None,
+    };
+    let hyper0 = match wants("hypernet_lambda0") {
+        true => Some(load_hyper(
+            &args.hypernet_lambda0,
+            crate::toy::resolve_hypernet_lambda0,
+        )?),
+        false => None,
+    };
+    let evaluators = Evaluators::load(&crate::toy::resolve_evaluators(&args.evaluators)?, device)?;
+    let subjects = heldout_subjects(args.seed, args.subjects, args.prompts);
+    let sampling = Sampling {
+        guidance_scale: args.guidance_scale,
+        hm_guidance_scale: args.hm_guidance_scale.unwrap_or(args.guidance_scale / 2.0),
+        lora_scale: 1.0,
+        steps: args.steps,
+        seed: args.seed,
+    };
+    let bar = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed}<{eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+
+    // 1. Personalize: hypernetworks (≈ 0 s), then the finetuning baselines.
+    let personalized = |h: &Option<(Hypernetwork, tch::nn::VarStore)>| -> Result<_> {
+        match h {
+            Some((h, _)) => Ok(Some((personalize_all(h, &subjects)?, h.config.lambda))),
+            None => Ok(None),
+        }
+    };
+    let hyper_sets = personalized(&hyper)?;
+    let hyper0_sets = personalized(&hyper0)?;
+    let n = subjects.len() as u64;
+    let mut dreambooth = Vec::new();
+    if wants("dreambooth_lora") {
+        bar.set_message("dreambooth-lora");
+        bar.set_length(n);
+        let cfg = FinetuneConfig {
+            rank: args.dreambooth_rank,
+            lr: args.dreambooth_lr,
+            seed: args.seed,
+            ..FinetuneConfig::toy(1)
+        };
+        dreambooth = finetune_all(&sd, &subjects, &cfg, None, &args.dreambooth_steps, || {
+            bar.inc(1)
+        })?;
+    }
+    let mut fastft = None;
+    if let (true, Some(((sets, secs), _))) = (wants("hypernet_fastft"), &hyper_sets) {
+        bar.set_message("fast finetuning");
+        bar.set_position(0);
+        bar.set_length(n);
+        let cfg = FinetuneConfig {
+            rank: args.fastft_rank,
+            lr: args.fastft_lr,
+            seed: args.seed ^ 0xFA57,
+            ..FinetuneConfig::toy(1)
+        };
+        let mut r = finetune_all(
+            &sd,
+            &subjects,
+            &cfg,
+            Some(sets),
+            &[args.fastft_steps],
+            || bar.inc(1),
+        )?;
+        let (steps, sets, t) = r.remove(0);
+        fastft = Some((steps, sets, t + secs));
+    }
+
+    // 2. The rows.
+    let mut plans: Vec<Plan> = Vec::new();
+    if wants("base") {
+        plans.push(Plan {
+            method: "base",
+            guide: Guide::Cfg,
+            lora: None,
+            lambda: None,
+            seconds: 0.0,
+            finetune_steps: None,
+        });
+    }
+    if let (true, Some(((sets, secs), lambda))) = (wants("hypernet"), &hyper_sets) {
+        let guides = std::iter::once(Guide::Cfg)
+            .chain(args.kappas.iter().map(|&kappa| Guide::HmCfg { kappa }));
+        for guide in guides {
+            plans.push(Plan {
+                method: "hypernet",
+                guide,
+                lora: Some(sets),
+                lambda: *lambda,
+                seconds: *secs,
+                finetune_steps: None,
+            });
+        }
+    }
+    if let Some(((sets, secs), lambda)) = &hyper0_sets {
+        for guide in [Guide::Cfg, Guide::HmCfg { kappa: 1.0 }] {
+            plans.push(Plan {
+                method: "hypernet_lambda0",
+                guide,
+                lora: Some(sets),
+                lambda: *lambda,
+                seconds: *secs,
+                finetune_steps: None,
+            });
+        }
+    }
+    for (steps, sets, secs) in &dreambooth {
+        plans.push(Plan {
+            method: "dreambooth_lora",
+            guide: Guide::Cfg,
+            lora: Some(sets),
+            lambda: None,
+            seconds: *secs,
+            finetune_steps: Some(*steps),
+        });
+    }
+    if let Some((steps, sets, secs)) = &fastft {
+        plans.push(Plan {
+            method: "hypernet_fastft",
+            guide: Guide::Cfg,
+            lora: Some(sets),
+            lambda: hyper_sets.as_ref().and_then(|(_, l)| *l),
+            seconds: *secs,
+            finetune_steps: Some(*steps),
+        });
+    }
+
+    // 3. Generate and score every row.
+    bar.set_message("generating");
+    bar.set_position(0);
+    bar.set_length((plans.len() * subjects.len() * args.prompts) as u64);
+    let (mut rows, mut images) = (Vec::new(), Vec::new());
+    for p in &plans {
+        let m = run_method(
+            &sd,
+            &evaluators,
+            &subjects,
+            p.lora,
+            p.guide,
+            sampling,
+            || bar.inc(1),
+        )?;
+        let (guidance, kappa) = match p.guide {
+            Guide::Cfg => ("cfg", None),
+            Guide::HmCfg { kappa } => ("hm-cfg", Some(kappa)),
+        };
+        rows.push(Row {
+            method: p.method.to_string(),
+            guidance: guidance.to_string(),
+            kappa,
+            lambda: p.lambda,
+            subject_fidelity: m.subject_fidelity,
+            prompt_fidelity: m.prompt_fidelity,
+            seconds_per_subject: p.seconds,
+            finetune_steps: p.finetune_steps,
+            subject_attributes: m.subject_attributes,
+            prompt_attributes: m.prompt_attributes,
+        });
+        images.push(m.images);
+    }
+    bar.finish_and_clear();
+
+    // 4. Report: the grid shows base, hypernet CFG and HM-CFG κ=1, the longest DreamBooth and
+    // the fast finetune.
+    let longest = rows
+        .iter()
+        .filter(|r| r.method == "dreambooth_lora")
+        .filter_map(|r| r.finetune_steps)
+        .max();
+    let grid: Vec<usize> = rows
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| match r.method.as_str() {
+            "hypernet" => r.kappa.is_none_or(|k| k == 1.0),
+            "dreambooth_lora" => r.finetune_steps == longest,
+            "hypernet_lambda0" => false,
+            _ => true,
+        })
+        .map(|(i, _)| i)
+        .collect();
+    let grid_images: Vec<_> = grid
+        .iter()
+        .map(|&i| std::mem::take(&mut images[i]))
+        .collect();
+    let chance = (
+        Identity::chance_level_between(Split::Train, Split::Heldout),
+        Context::chance_level(),
+    );
+    let ceiling = ceiling(&sd, &evaluators, &subjects)?;
+    let settings = serde_json::json!({"seed": args.seed, "subjects": subjects.len(),
+        "prompts": args.prompts, "guidance_scale": args.guidance_scale, "steps": args.steps,
+        "hm_guidance_scale": sampling.hm_guidance_scale,
+        "dreambooth": {"rank": args.dreambooth_rank, "lr": args.dreambooth_lr, "batch": 4,
+                       "prompt": "a sks creature", "images": 1},
+        "fastft": {"rank": args.fastft_rank, "lr": args.fastft_lr, "steps": args.fastft_steps},
+        "seconds": start.elapsed().as_secs_f64()});
+    write(
+        &args.out,
+        &Report {
+            title: "loracast experiment paper: toy world, held-out subjects",
+            json_name: "results.json",
+            subjects: &subjects,
+            rows: &rows,
+            images: &grid_images,
+            grid_rows: &grid,
+            chance,
+            ceiling,
+            settings,
+            extra_html: kappa_plot(&rows),
+        },
+    )?;
+    for r in &rows {
+        eprintln!(
+            "{:<40} subject {:.3}  prompt {:.3}  {:.3} s/subject",
+            crate::eval::report::label(r),
+            r.subject_fidelity,
+            r.prompt_fidelity,
+            r.seconds_per_subject
+        );
+    }
+    eprintln!(
+        "chance: subject {:.3} prompt {:.3}; ceiling: subject {:.3} prompt {:.3}",
+        chance.0, chance.1, ceiling.0, ceiling.1
+    );
+    eprintln!(
+        "wrote {}/results.json and report.html in {:.1} min",
+        args.out.display(),
+        start.elapsed().as_secs_f64() / 60.0
+    );
+    Ok(())
+}
+
+/// The κ trade-off (paper Tables 9/10) as an inline SVG: prompt fidelity (x) against subject
+/// fidelity (y) for the hypernetwork's HM-CFG rows (labelled by κ), its CFG row and the others.
+pub fn kappa_plot(rows: &[Row]) -> String {
+    let (w, h, pad) = (480.0, 360.0, 48.0);
+    let pts: Vec<(f64, f64, String, &str)> = rows
+        .iter()
+        .map(|r| {
+            let colour = match (r.method.as_str(), r.kappa) {
+                ("hypernet", Some(_)) => "#c0392b",
+                ("hypernet", None) => "#2980b9",
+                ("base", _) => "#333",
+                _ => "#27ae60",
+            };
+            let label = match r.kappa {
+                Some(k) if r.method == "hypernet" => format!("κ={k}"),
+                _ => crate::eval::report::label(r),
+            };
+            (r.prompt_fidelity, r.subject_fidelity, label, colour)
+        })
+        .collect();
+    if pts.is_empty() {
+        return String::new();
+    }
+    let range = |v: Vec<f64>| {
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let m = ((hi - lo) * 0.1).max(0.01);
+        (lo - m, hi + m)
+    };
+    let (x0, x1) = range(pts.iter().map(|p| p.0).collect());
+    let (y0, y1) = range(pts.iter().map(|p| p.1).collect());
+    let sx = |x: f64| pad + (x - x0) / (x1 - x0) * (w - 2.0 * pad);
+    let sy = |y: f64| h - pad - (y - y0) / (y1 - y0) * (h - 2.0 * pad);
+    let mut svg = format!(
+        "<h2>κ trade-off (HM-CFG)</h2><svg width={w} height={h} xmlns=\"http://www.w3.org/2000/svg\" style=\"border:1px solid #ccc\">\
+         <text x={} y={} font-size=12 text-anchor=middle>prompt fidelity</text>\
+         <text x=12 y={} font-size=12 transform=\"rotate(-90 12 {})\" text-anchor=middle>subject fidelity</text>\
+         <text x={pad} y={} font-size=10>{x0:.2}</text><text x={} y={} font-size=10 text-anchor=end>{x1:.2}</text>\
+         <text x={} y={} font-size=10 text-anchor=end>{y0:.2}</text><text x={} y={} font-size=10 text-anchor=end>{y1:.2}</text>",
+        w / 2.0,
+        h - 8.0,
+        h / 2.0,
+        h / 2.0,
+        h - pad + 14.0,
+        w - pad,
+        h - pad + 14.0,
+        pad - 4.0,
+        h - pad,
+        pad - 4.0,
+        pad + 4.0
+    );
+    // The κ curve, in κ order.
+    let mut curve: Vec<(f64, f64, f64)> = rows
+        .iter()
+        .filter(|r| r.method == "hypernet")
+        .filter_map(|r| r.kappa.map(|k| (k, r.prompt_fidelity, r.subject_fidelity)))
+        .collect();
+    curve.sort_by(|a, b| a.0.total_cmp(&b.0));
+    if curve.len() > 1 {
+        let path: Vec<String> = curve
+            .iter()
+            .map(|(_, x, y)| format!("{:.1},{:.1}", sx(*x), sy(*y)))
+            .collect();
+        svg.push_str(&format!(
+            "<polyline fill=none stroke=\"#c0392b\" points=\"{}\"/>",
+            path.join(" ")
+        ));
+    }
+    for (x, y, label, colour) in &pts {
+        svg.push_str(&format!(
+            "<circle cx={:.1} cy={:.1} r=4 fill=\"{colour}\"><title>{label}</title></circle><text x={:.1} y={:.1} font-size=9 fill=\"{colour}\">{label}</text>",
+            sx(*x),
+            sy(*y),
+            sx(*x) + 6.0,
+            sy(*y) - 4.0
+        ));
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
