@@ -200,6 +200,11 @@ fn experiment_paper_writes_every_row_in_the_demo_schema() {
     assert!(o.status.success(), "{}", stderr(&o));
     let html = std::fs::read_to_string(out.join("report.html")).unwrap();
     assert!(html.contains("<svg") && html.contains("κ=1.2"), "no κ plot");
+    let svg = std::fs::read_to_string(out.join("kappa.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.ends_with("</svg>") && svg.contains("<polyline"));
+    let md = std::fs::read_to_string(out.join("results.md")).unwrap();
+    assert!(md.contains("| hypernet | hm-cfg | 0.6 |"), "{md}");
+    assert!(md.contains("| dreambooth_lora | cfg | – | – | 3 |"), "{md}");
     let m: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
     let rows = m["rows"].as_array().unwrap();

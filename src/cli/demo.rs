@@ -185,6 +185,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
             ceiling: outcome.ceiling,
             settings,
             extra_html: String::new(),
+            extra_files: Vec::new(),
         },
     )?;
     let attrs = |m: &std::collections::BTreeMap<String, f64>| {

@@ -1,6 +1,7 @@
 //! `loracast experiment paper [--seed S] [--subjects N] --out DIR`: the papers' experiments on
 //! held-out toy subjects (issue 6), every row in `demo`'s metrics schema, written to
-//! `DIR/results.json` with `DIR/report.html` (metrics table, κ trade-off plot, image grid):
+//! `DIR/results.json` with `DIR/report.html` (metrics table, κ trade-off plot, image grid),
+//! `DIR/results.md` (the table for docs/RESULTS.md) and `DIR/kappa.svg`:
 //! - `base` (CFG): the frozen model with the plain caption;
 //! - `hypernet` (chosen λ): CFG, and HM-CFG at every κ of `--kappas` (paper Tables 5, 9/10);
 //! - `hypernet_lambda0`: the same recipe trained with λ = 0 (paper Table 3);
@@ -337,6 +338,8 @@ fn paper(args: PaperArgs) -> Result<()> {
                        "prompt": "a sks creature", "images": 1},
         "fastft": {"rank": args.fastft_rank, "lr": args.fastft_lr, "steps": args.fastft_steps},
         "seconds": start.elapsed().as_secs_f64()});
+    let svg = kappa_svg(&rows);
+    let md = crate::eval::report::markdown_table(&rows, chance, ceiling);
     write(
         &args.out,
         &Report {
@@ -349,7 +352,11 @@ fn paper(args: PaperArgs) -> Result<()> {
             chance,
             ceiling,
             settings,
-            extra_html: kappa_plot(&rows),
+            extra_html: format!("<h2>κ trade-off (HM-CFG)</h2>{svg}\n"),
+            extra_files: vec![
+                ("results.md".into(), md.into_bytes()),
+                ("kappa.svg".into(), svg.clone().into_bytes()),
+            ],
         },
     )?;
     for r in &rows {
@@ -373,9 +380,9 @@ fn paper(args: PaperArgs) -> Result<()> {
     Ok(())
 }
 
-/// The κ trade-off (paper Tables 9/10) as an inline SVG: prompt fidelity (x) against subject
+/// The κ trade-off (paper Tables 9/10) as an SVG: prompt fidelity (x) against subject
 /// fidelity (y) for the hypernetwork's HM-CFG rows (labelled by κ), its CFG row and the others.
-pub fn kappa_plot(rows: &[Row]) -> String {
+pub fn kappa_svg(rows: &[Row]) -> String {
     let (w, h, pad) = (480.0, 360.0, 48.0);
     let pts: Vec<(f64, f64, String, &str)> = rows
         .iter()
@@ -407,22 +414,28 @@ pub fn kappa_plot(rows: &[Row]) -> String {
     let sx = |x: f64| pad + (x - x0) / (x1 - x0) * (w - 2.0 * pad);
     let sy = |y: f64| h - pad - (y - y0) / (y1 - y0) * (h - 2.0 * pad);
     let mut svg = format!(
-        "<h2>κ trade-off (HM-CFG)</h2><svg width={w} height={h} xmlns=\"http://www.w3.org/2000/svg\" style=\"border:1px solid #ccc\">\
-         <text x={} y={} font-size=12 text-anchor=middle>prompt fidelity</text>\
-         <text x=12 y={} font-size=12 transform=\"rotate(-90 12 {})\" text-anchor=middle>subject fidelity</text>\
-         <text x={pad} y={} font-size=10>{x0:.2}</text><text x={} y={} font-size=10 text-anchor=end>{x1:.2}</text>\
-         <text x={} y={} font-size=10 text-anchor=end>{y0:.2}</text><text x={} y={} font-size=10 text-anchor=end>{y1:.2}</text>",
-        w / 2.0,
-        h - 8.0,
-        h / 2.0,
-        h / 2.0,
-        h - pad + 14.0,
-        w - pad,
-        h - pad + 14.0,
-        pad - 4.0,
-        h - pad,
-        pad - 4.0,
-        pad + 4.0
+        concat!(
+            r#"<svg width="{w}" height="{h}" xmlns="http://www.w3.org/2000/svg" style="border:1px solid #ccc;background:#fff" font-family="sans-serif">"#,
+            r#"<text x="{xm}" y="{xl}" font-size="12" text-anchor="middle">prompt fidelity</text>"#,
+            r#"<text x="12" y="{ym}" font-size="12" transform="rotate(-90 12 {ym})" text-anchor="middle">subject fidelity</text>"#,
+            r#"<text x="{pad}" y="{xt}" font-size="10">{x0:.2}</text><text x="{xr}" y="{xt}" font-size="10" text-anchor="end">{x1:.2}</text>"#,
+            r#"<text x="{yt}" y="{yb}" font-size="10" text-anchor="end">{y0:.2}</text><text x="{yt}" y="{ytop}" font-size="10" text-anchor="end">{y1:.2}</text>"#,
+        ),
+        w = w,
+        h = h,
+        xm = w / 2.0,
+        xl = h - 8.0,
+        ym = h / 2.0,
+        pad = pad,
+        xt = h - pad + 14.0,
+        x0 = x0,
+        xr = w - pad,
+        x1 = x1,
+        yt = pad - 4.0,
+        yb = h - pad,
+        y0 = y0,
+        ytop = pad + 4.0,
+        y1 = y1,
     );
     // The κ curve, in κ order.
     let mut curve: Vec<(f64, f64, f64)> = rows
@@ -437,19 +450,19 @@ pub fn kappa_plot(rows: &[Row]) -> String {
             .map(|(_, x, y)| format!("{:.1},{:.1}", sx(*x), sy(*y)))
             .collect();
         svg.push_str(&format!(
-            "<polyline fill=none stroke=\"#c0392b\" points=\"{}\"/>",
+            r##"<polyline fill="none" stroke="#c0392b" points="{}"/>"##,
             path.join(" ")
         ));
     }
     for (x, y, label, colour) in &pts {
         svg.push_str(&format!(
-            "<circle cx={:.1} cy={:.1} r=4 fill=\"{colour}\"><title>{label}</title></circle><text x={:.1} y={:.1} font-size=9 fill=\"{colour}\">{label}</text>",
+            r#"<circle cx="{:.1}" cy="{:.1}" r="4" fill="{colour}"><title>{label}</title></circle><text x="{:.1}" y="{:.1}" font-size="9" fill="{colour}">{label}</text>"#,
             sx(*x),
             sy(*y),
             sx(*x) + 6.0,
             sy(*y) - 4.0
         ));
     }
-    svg.push_str("</svg>\n");
+    svg.push_str("</svg>");
     svg
 }

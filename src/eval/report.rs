@@ -26,6 +26,8 @@ pub struct Report<'a> {
     pub settings: serde_json::Value,
     /// HTML inserted after the metrics table.
     pub extra_html: String,
+    /// Other files written into the folder: (name, bytes).
+    pub extra_files: Vec<(String, Vec<u8>)>,
 }
 
 /// A row's label: `method guidance [κ=k] [steps]`.
@@ -38,6 +40,34 @@ pub fn label(r: &Row) -> String {
         s.push_str(&format!(" {n} steps"));
     }
     s
+}
+
+/// The rows as a Markdown table (for docs/RESULTS.md), with the chance and ceiling lines.
+pub fn markdown_table(rows: &[Row], chance: (f64, f64), ceiling: (f64, f64)) -> String {
+    let opt = |v: Option<f64>| v.map(|x| format!("{x}")).unwrap_or_else(|| "–".into());
+    let mut md = String::from(
+        "| method | guidance | κ | λ | finetune steps | subject fidelity | prompt fidelity | s/subject |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        md.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {:.3} | {:.3} | {:.3} |\n",
+            r.method,
+            r.guidance,
+            opt(r.kappa),
+            opt(r.lambda),
+            r.finetune_steps
+                .map(|n| n.to_string())
+                .unwrap_or_else(|| "–".into()),
+            r.subject_fidelity,
+            r.prompt_fidelity,
+            r.seconds_per_subject
+        ));
+    }
+    md.push_str(&format!(
+        "| chance (exact) | | | | | {:.3} | {:.3} | |\n| ceiling (renders through the VAE) | | | | | {:.3} | {:.3} | |\n",
+        chance.0, chance.1, ceiling.0, ceiling.1
+    ));
+    md
 }
 
 /// Writes `out/` (report.html, the JSON, images/) atomically.
@@ -125,5 +155,8 @@ fn write_into(tmp: &Path, rep: &Report) -> Result<()> {
     }
     html.push_str("</table>\n");
     std::fs::write(tmp.join("report.html"), html)?;
+    for (name, bytes) in &rep.extra_files {
+        std::fs::write(tmp.join(name), bytes)?;
+    }
     Ok(())
 }
