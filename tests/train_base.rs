@@ -27,6 +27,8 @@ fn tiny_config(dir: &Path, unet_steps: u64) -> std::path::PathBuf {
     cfg["text_encoder"]["num_attention_heads"] = 2.into();
     cfg["text_encoder"]["num_hidden_layers"] = 1.into();
     cfg["unet"]["block_out_channels"] = serde_json::json!([32, 32]);
+    cfg["unet"]["down_block_types"] = serde_json::json!(["CrossAttnDownBlock2D", "DownBlock2D"]);
+    cfg["unet"]["up_block_types"] = serde_json::json!(["UpBlock2D", "CrossAttnUpBlock2D"]);
     cfg["unet"]["cross_attention_dim"] = 16.into();
     cfg["unet"]["attention_head_dim"] = 2.into();
     cfg["unet"]["norm_num_groups"] = 8.into();
