@@ -42,26 +42,44 @@ pub fn label(r: &Row) -> String {
     s
 }
 
+/// The metrics table's columns (HTML and Markdown).
+const COLUMNS: [&str; 8] = [
+    "method",
+    "guidance",
+    "κ",
+    "λ",
+    "finetune steps",
+    "subject fidelity",
+    "prompt fidelity",
+    "s/subject",
+];
+
+/// One row's cells in [`COLUMNS`] order, seconds with `secs_digits` decimals.
+fn cells(r: &Row, secs_digits: usize) -> [String; 8] {
+    let opt = |v: Option<f64>| v.map(|x| format!("{x}")).unwrap_or_else(|| "–".into());
+    [
+        r.method.clone(),
+        r.guidance.clone(),
+        opt(r.kappa),
+        opt(r.lambda),
+        r.finetune_steps
+            .map(|n| n.to_string())
+            .unwrap_or_else(|| "–".into()),
+        format!("{:.3}", r.subject_fidelity),
+        format!("{:.3}", r.prompt_fidelity),
+        format!("{:.secs_digits$}", r.seconds_per_subject),
+    ]
+}
+
 /// The rows as a Markdown table (for docs/RESULTS.md), with the chance and ceiling lines.
 pub fn markdown_table(rows: &[Row], chance: (f64, f64), ceiling: (f64, f64)) -> String {
-    let opt = |v: Option<f64>| v.map(|x| format!("{x}")).unwrap_or_else(|| "–".into());
-    let mut md = String::from(
-        "| method | guidance | κ | λ | finetune steps | subject fidelity | prompt fidelity | s/subject |\n|---|---|---|---|---|---|---|---|\n",
+    let mut md = format!(
+        "| {} |\n|{}\n",
+        COLUMNS.join(" | "),
+        "---|".repeat(COLUMNS.len())
     );
     for r in rows {
-        md.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {:.3} | {:.3} | {:.3} |\n",
-            r.method,
-            r.guidance,
-            opt(r.kappa),
-            opt(r.lambda),
-            r.finetune_steps
-                .map(|n| n.to_string())
-                .unwrap_or_else(|| "–".into()),
-            r.subject_fidelity,
-            r.prompt_fidelity,
-            r.seconds_per_subject
-        ));
+        md.push_str(&format!("| {} |\n", cells(r, 3).join(" | ")));
     }
     md.push_str(&format!(
         "| chance (exact) | | | | | {:.3} | {:.3} | |\n| ceiling (renders through the VAE) | | | | | {:.3} | {:.3} | |\n",
@@ -105,22 +123,12 @@ fn write_into(tmp: &Path, rep: &Report) -> Result<()> {
         "<!doctype html><meta charset=utf-8><title>{0}</title><style>body{{font-family:sans-serif}}img{{width:96px;image-rendering:pixelated}}td,th{{padding:4px;text-align:center;font-size:12px}}table{{border-collapse:collapse}}</style>\n<h1>{0}</h1>\n",
         rep.title
     );
-    html.push_str("<h2>Metrics</h2><table border=1><tr><th>method<th>guidance<th>κ<th>λ<th>finetune steps<th>subject fidelity<th>prompt fidelity<th>s/subject</tr>\n");
-    let opt = |v: Option<f64>| v.map(|x| format!("{x}")).unwrap_or_else(|| "–".into());
+    html.push_str(&format!(
+        "<h2>Metrics</h2><table border=1><tr><th>{}</tr>\n",
+        COLUMNS.join("<th>")
+    ));
     for r in rep.rows {
-        html.push_str(&format!(
-            "<tr><td>{}<td>{}<td>{}<td>{}<td>{}<td>{:.3}<td>{:.3}<td>{:.4}</tr>\n",
-            r.method,
-            r.guidance,
-            opt(r.kappa),
-            opt(r.lambda),
-            r.finetune_steps
-                .map(|n| n.to_string())
-                .unwrap_or_else(|| "–".into()),
-            r.subject_fidelity,
-            r.prompt_fidelity,
-            r.seconds_per_subject
-        ));
+        html.push_str(&format!("<tr><td>{}</tr>\n", cells(r, 4).join("<td>")));
     }
     html.push_str(&format!(
         "<tr><td colspan=5>chance (exact)<td>{:.3}<td>{:.3}<td></tr><tr><td colspan=5>ceiling (renders through the VAE)<td>{:.3}<td>{:.3}<td></tr></table>\n",
