@@ -48,6 +48,17 @@ pub fn resolve_hypernet_lambda0(arg: &Path) -> Result<PathBuf> {
     }
 }
 
+/// `toy` → the shipped HyperDreamBooth (LiDB) hypernetwork (issue 6); anything else is a path.
+pub fn resolve_hyperdreambooth(arg: &Path) -> Result<PathBuf> {
+    match arg.to_str() {
+        Some(NAME) => shipped(
+            "hyperdreambooth.safetensors",
+            "HyperDreamBooth hypernetwork",
+        ),
+        _ => Ok(arg.to_path_buf()),
+    }
+}
+
 /// `toy` → the shipped evaluators folder; anything else is a path.
 pub fn resolve_evaluators(arg: &Path) -> Result<PathBuf> {
     match arg.to_str() {

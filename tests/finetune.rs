@@ -87,6 +87,52 @@ fn dreambooth_lora_fits_the_subject_deterministically() {
     assert_eq!(p.losses.len(), 5);
 }
 
+/// Mean |ε_LoRA − ε_base| on the empty prompt over fixed noisy subject latents.
+fn null_shift(sd: &StableDiffusion, ex: &Examples, lora: &LoraSet) -> f64 {
+    tch::no_grad(|| {
+        let x = Tensor::stack(&ex.images, 0);
+        let z = sd.vae.encode(&x).unwrap().mean * sd.vae.config().scaling_factor;
+        let z = z.repeat([8, 1, 1, 1]);
+        let ctx = sd.encode_prompt("").unwrap().repeat([8, 1, 1]);
+        tch::manual_seed(7);
+        let t = Tensor::randint(1000, [8], (Kind::Int64, Device::Cpu));
+        let noisy = &z + z.randn_like();
+        let batch = LoraSet::batch(&[Some((lora, 1.0)); 8]);
+        let with = sd.unet.forward(&noisy, &t, &ctx, Some(&batch)).unwrap();
+        let without = sd.unet.forward(&noisy, &t, &ctx, None).unwrap();
+        (with - without).abs().mean(Kind::Float).double_value(&[])
+    })
+}
+
+#[test]
+fn unconditional_preservation_keeps_the_empty_prompt() {
+    let sd = StableDiffusion::load(&pipeline("tiny-a"), Device::Cpu).unwrap();
+    let ex = subject(&sd);
+    let plain = finetune_lora(&sd, &config(40), &ex, None, None, &[], false).unwrap();
+    let cfg = FinetuneConfig {
+        null_weight: 10.0,
+        ..config(40)
+    };
+    let kept = finetune_lora(&sd, &cfg, &ex, None, None, &[], false).unwrap();
+    let (a, b) = (
+        null_shift(&sd, &ex, &plain.lora),
+        null_shift(&sd, &ex, &kept.lora),
+    );
+    eprintln!("ε(∅) shift: plain {a:.5}, with unconditional preservation {b:.5}");
+    assert!(
+        b < 0.5 * a,
+        "the empty prompt's ε moved as much: {a} vs {b}"
+    );
+    // The subject is still fitted.
+    let before = fixed_loss(&sd, &ex, None);
+    assert!(fixed_loss(&sd, &ex, Some(&kept.lora)) < before);
+    let bad = FinetuneConfig {
+        null_weight: f64::NAN,
+        ..config(1)
+    };
+    assert!(finetune_lora(&sd, &bad, &ex, None, None, &[], false).is_err());
+}
+
 #[test]
 fn fast_finetuning_keeps_the_initial_lora_and_exports_the_sum() {
     let sd = StableDiffusion::load(&pipeline("tiny-a"), Device::Cpu).unwrap();
@@ -126,6 +172,24 @@ fn fast_finetuning_keeps_the_initial_lora_and_exports_the_sum() {
     );
 }
 
+/// `generate` with a LoRA file succeeds and writes `png`.
+fn generate_with(base: &str, lora: &str, png: &std::path::Path) {
+    let o = loracast(&[
+        "generate",
+        "--base",
+        base,
+        "--prompt",
+        "a sks creature",
+        "--lora",
+        lora,
+        "--steps",
+        "2",
+        "--out",
+        png.to_str().unwrap(),
+    ]);
+    assert!(o.status.success() && png.is_file(), "{}", stderr(&o));
+}
+
 #[test]
 fn cli_finetune_then_generate_and_bad_inputs() {
     let tmp = tempfile::tempdir().unwrap();
@@ -162,21 +226,7 @@ fn cli_finetune_then_generate_and_bad_inputs() {
         l,
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let png = tmp.path().join("x.png");
-    let o = loracast(&[
-        "generate",
-        "--base",
-        base,
-        "--prompt",
-        "a sks creature",
-        "--lora",
-        f,
-        "--steps",
-        "2",
-        "--out",
-        png.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    generate_with(base, f, &tmp.path().join("x.png"));
     let o = loracast(&["lora", "info", f]);
     assert!(
         o.status.success() && String::from_utf8_lossy(&o.stdout).contains('6'),
@@ -204,10 +254,34 @@ fn cli_finetune_then_generate_and_bad_inputs() {
         "2",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
+    // LiDB with unconditional preservation: a LoRA `generate` loads.
+    let lidb = tmp.path().join("lidb.safetensors");
+    let o = loracast(&[
+        "finetune",
+        "--base",
+        base,
+        "--image",
+        img,
+        "--out",
+        lidb.to_str().unwrap(),
+        "--steps",
+        "2",
+        "--rank",
+        "1",
+        "--lidb",
+        "8,4",
+        "--null-weight",
+        "0.5",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    generate_with(base, lidb.to_str().unwrap(), &tmp.path().join("lidb.png"));
     for (args, needle) in [
         (vec!["--image", junk.to_str().unwrap()], "junk.png"),
         (vec!["--image", img, "--rank", "0"], "--rank"),
         (vec!["--image", img, "--lr", "nan"], "--lr"),
+        (vec!["--image", img, "--lidb", "8"], "--lidb"),
+        (vec!["--image", img, "--lidb", "8,0"], "--lidb"),
+        (vec!["--image", img, "--null-weight=-1"], "--null-weight"),
         (
             vec!["--image", img, "--init-lora", other.to_str().unwrap()],
             "--init-lora",

@@ -119,7 +119,7 @@ fn train_config(dir: &Path, steps: u64) -> PathBuf {
         "loop": {"steps": steps, "lr": 3e-3, "warmup": 0, "weight_decay": 0.0, "grad_clip": 1.0,
                  "checkpoint_every": 10, "log_every": 1, "seed": 5},
         "batch": 2, "accumulate": 2, "lambda": 0.0, "gamma": 0.0, "mode": "single",
-        "class_word": "object",
+        "class_word": "object", "null_weight": 0.5,
     });
     let path = dir.join("hypernet.json");
     std::fs::write(&path, cfg.to_string()).unwrap();
@@ -179,6 +179,15 @@ fn real_folder_training_personalize_and_generate() {
     let last: f64 = l[20..].iter().sum::<f64>() / 10.0;
     eprintln!("l_ft first 10: {first:.4}, last 10: {last:.4}");
     assert!(last < first, "loss did not decrease: {first} → {last}");
+    // The unconditional-preservation term is logged (the config sets null_weight).
+    let log = std::fs::read_to_string(out.join("run/metrics.jsonl")).unwrap();
+    let row: serde_json::Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
+    assert!(
+        row["l_null"]
+            .as_f64()
+            .is_some_and(|v| v.is_finite() && v >= 0.0),
+        "{row}"
+    );
 
     // personalize: several images (CMYK, EXIF-rotated, grey, RGBA, 16-bit) → one PEFT LoRA.
     let hyper = out.join("hypernet.safetensors");

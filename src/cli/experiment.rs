@@ -9,7 +9,10 @@
 //!   count of `--dreambooth-steps` (one run per subject, snapshots), timed (paper Tables 2/3);
 //! - `hypernet_fastft`: the hypernetwork's LoRA + rank-relaxed fast finetuning
 //!   (hyperdreambooth §4.3: the prediction frozen, a fresh rank-`--fastft-rank` LoRA trained for
-//!   `--fastft-steps` steps on top, timed including the hypernetwork).
+//!   `--fastft-steps` steps on top, timed including the hypernetwork);
+//! - `hyperdreambooth_hyper_only`: HyperDreamBooth's LiDB hypernetwork (trained with the
+//!   weight-space loss against pre-optimised LiDB subjects, `configs/toy/hyperdreambooth.json`);
+//! - `hyperdreambooth_fastft`: its prediction + the same rank-relaxed fast finetuning.
 //!
 //! Every method sees the same subjects, reference renders, prompts and initial noise.
 use std::path::PathBuf;
@@ -37,12 +40,14 @@ pub enum ExperimentCommand {
 }
 
 /// Every method `experiment paper` can run (`--only`).
-const METHODS: [&str; 5] = [
+const METHODS: [&str; 7] = [
     "base",
     "hypernet",
     "hypernet_lambda0",
     "dreambooth_lora",
     "hypernet_fastft",
+    "hyperdreambooth_hyper_only",
+    "hyperdreambooth_fastft",
 ];
 
 #[derive(Args, Debug)]
@@ -59,7 +64,8 @@ pub struct PaperArgs {
     /// Replace --out if it exists.
     #[arg(long)]
     pub force: bool,
-    /// Comma-separated subset of: base, hypernet, hypernet_lambda0, dreambooth_lora, hypernet_fastft.
+    /// Comma-separated subset of: base, hypernet, hypernet_lambda0, dreambooth_lora,
+    /// hypernet_fastft, hyperdreambooth_hyper_only, hyperdreambooth_fastft.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     #[arg(long, default_value_t = 7.5)]
@@ -91,6 +97,9 @@ pub struct PaperArgs {
     /// The λ = 0 hypernetwork (file or `toy`).
     #[arg(long, default_value = "toy")]
     pub hypernet_lambda0: PathBuf,
+    /// HyperDreamBooth's LiDB hypernetwork (file or `toy`).
+    #[arg(long, default_value = "toy")]
+    pub hyperdreambooth: PathBuf,
     #[arg(long, default_value = "toy")]
     pub evaluators: PathBuf,
     #[arg(long, default_value = "cpu")]
@@ -149,6 +158,14 @@ fn paper(args: PaperArgs) -> Result<()> {
         )?),
         false => None,
     };
+    let need_hdb = wants("hyperdreambooth_hyper_only") || wants("hyperdreambooth_fastft");
+    let hdb = match need_hdb {
+        true => Some(load_hyper(
+            &args.hyperdreambooth,
+            crate::toy::resolve_hyperdreambooth,
+        )?),
+        false => None,
+    };
     let evaluators = Evaluators::load(&crate::toy::resolve_evaluators(&args.evaluators)?, device)?;
     let subjects = heldout_subjects(args.seed, args.subjects, args.prompts);
     let sampling = Sampling {
@@ -172,6 +189,7 @@ fn paper(args: PaperArgs) -> Result<()> {
     };
     let hyper_sets = personalized(&hyper)?;
     let hyper0_sets = personalized(&hyper0)?;
+    let hdb_sets = personalized(&hdb)?;
     let n = subjects.len() as u64;
     let mut dreambooth = Vec::new();
     if wants("dreambooth_lora") {
@@ -187,9 +205,9 @@ fn paper(args: PaperArgs) -> Result<()> {
             bar.inc(1)
         })?;
     }
-    let mut fastft = None;
-    if let (true, Some(((sets, secs), _))) = (wants("hypernet_fastft"), &hyper_sets) {
-        bar.set_message("fast finetuning");
+    // Rank-relaxed fast finetuning from a hypernetwork's predictions (timed including it).
+    let fast_finetune = |(sets, secs): &(Vec<LoraSet>, f64), what: &str| -> Result<_> {
+        bar.set_message(format!("fast finetuning ({what})"));
         bar.set_position(0);
         bar.set_length(n);
         let cfg = FinetuneConfig {
@@ -207,8 +225,16 @@ fn paper(args: PaperArgs) -> Result<()> {
             || bar.inc(1),
         )?;
         let (steps, sets, t) = r.remove(0);
-        fastft = Some((steps, sets, t + secs));
-    }
+        Ok((steps, sets, t + secs))
+    };
+    let fastft = match (wants("hypernet_fastft"), &hyper_sets) {
+        (true, Some((sets, _))) => Some(fast_finetune(sets, "hypernet")?),
+        _ => None,
+    };
+    let hdb_fastft = match (wants("hyperdreambooth_fastft"), &hdb_sets) {
+        (true, Some((sets, _))) => Some(fast_finetune(sets, "hyperdreambooth")?),
+        _ => None,
+    };
 
     // 2. The rows.
     let mut plans: Vec<Plan> = Vec::new();
@@ -264,6 +290,26 @@ fn paper(args: PaperArgs) -> Result<()> {
             guide: Guide::Cfg,
             lora: Some(sets),
             lambda: hyper_sets.as_ref().and_then(|(_, l)| *l),
+            seconds: *secs,
+            finetune_steps: Some(*steps),
+        });
+    }
+    if let (true, Some(((sets, secs), lambda))) = (wants("hyperdreambooth_hyper_only"), &hdb_sets) {
+        plans.push(Plan {
+            method: "hyperdreambooth_hyper_only",
+            guide: Guide::Cfg,
+            lora: Some(sets),
+            lambda: *lambda,
+            seconds: *secs,
+            finetune_steps: None,
+        });
+    }
+    if let Some((steps, sets, secs)) = &hdb_fastft {
+        plans.push(Plan {
+            method: "hyperdreambooth_fastft",
+            guide: Guide::Cfg,
+            lora: Some(sets),
+            lambda: hdb_sets.as_ref().and_then(|(_, l)| *l),
             seconds: *secs,
             finetune_steps: Some(*steps),
         });

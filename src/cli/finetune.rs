@@ -9,6 +9,7 @@ use clap::Args;
 
 use crate::io::preprocess::RgbImage;
 use crate::lora::format::{layers_per_block, read_lora, write_lora, LoraFormat};
+use crate::lora::lidb::LidbConfig;
 use crate::pipeline::StableDiffusion;
 use crate::train::finetune::{finetune_lora, toy_prior, Examples, FinetuneConfig};
 use crate::train::target_tensor;
@@ -52,6 +53,16 @@ pub struct FinetuneArgs {
     /// γ: weight of the prior-preservation loss.
     #[arg(long, default_value_t = 1.0)]
     pub prior_weight: f64,
+    /// Weight of the unconditional-preservation loss (the LoRA leaves the empty prompt's ε as
+    /// the base model has it, so CFG amplifies what the LoRA adds to the prompt).
+    #[arg(long, default_value_t = 0.0)]
+    pub null_weight: f64,
+    /// Lightweight DreamBooth (HyperDreamBooth §4.1): train in random subspaces of sizes
+    /// `A,B` (input, output side; e.g. `100,50` on SD), bases seeded by --lidb-seed.
+    #[arg(long, value_name = "A,B")]
+    pub lidb: Option<String>,
+    #[arg(long, default_value_t = 0)]
+    pub lidb_seed: u64,
     /// Fast finetuning: start from this LoRA (e.g. from `personalize`), kept frozen.
     #[arg(long)]
     pub init_lora: Option<PathBuf>,
@@ -80,6 +91,11 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         batch: args.batch,
         prior_weight: args.prior_weight,
         seed: args.seed,
+        null_weight: args.null_weight,
+        lidb: match &args.lidb {
+            Some(dims) => Some(parse_lidb(dims, args.lidb_seed)?),
+            None => None,
+        },
     };
     cfg.validate()?;
     // Every input is decoded and checked before the model loads.
@@ -143,4 +159,14 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
 fn mean_tail(v: &[f64], n: usize) -> f64 {
     let tail = &v[v.len().saturating_sub(n)..];
     tail.iter().sum::<f64>() / tail.len().max(1) as f64
+}
+
+/// `--lidb A,B` → the LiDB subspace sizes.
+fn parse_lidb(dims: &str, seed: u64) -> Result<LidbConfig> {
+    let parts: Vec<&str> = dims.split(',').map(str::trim).collect();
+    let parsed: Option<Vec<i64>> = parts.iter().map(|p| p.parse().ok()).collect();
+    match parsed.as_deref() {
+        Some(&[a, b]) if a >= 1 && b >= 1 => Ok(LidbConfig { a, b, seed }),
+        _ => anyhow::bail!("--lidb takes two positive integers A,B (e.g. 100,50), got {dims:?}"),
+    }
 }

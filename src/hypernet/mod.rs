@@ -6,7 +6,9 @@
 //!    for the toy world a small ViT loracast pretrains itself, see `train::encoder`) →
 //!    image tokens `[B, 1+N, C]`, computed once.
 //! 3. [`WeightDecoder`]: one token per LoRA matrix, s rounds of refinement, one head per matrix.
-//! 4. The flat outputs become `lora_A [r, in]` / `lora_B [out, r]` per site: a per-sample
+//! 4. The flat outputs become `lora_A [r, in]` / `lora_B [out, r]` per site (a LiDB decoder,
+//!    HyperDreamBooth §4.2, outputs T_A `[r, a]` / T_B `[b, r]`, expanded through
+//!    [`crate::lora::lidb`]'s frozen bases): a per-sample
 //!    [`LoraBatch`] during training (gradients flow through the frozen UNet into φ), or one
 //!    [`LoraSet`] for a subject, averaging the outputs over its images, β = (1/N)·Σ h(x_n).
 //!
@@ -28,6 +30,7 @@ pub use decoder::{DecoderDims, MatrixSpec, WeightDecoder};
 
 use crate::io::preprocess::{Preprocess, RgbImage};
 use crate::io::safetensors::{load_strict, save, SafeTensorsFile};
+use crate::lora::lidb::{LidbBasis, LidbConfig};
 use crate::lora::{LoraBatch, LoraDelta, LoraSet, LoraSite, LoraWeights};
 use crate::models::vit::{ViTConfig, ViTModel};
 
@@ -80,6 +83,10 @@ pub struct DecoderConfig {
     pub heads: i64,
     pub intermediate: i64,
     pub rounds: i64,
+    /// Predict LiDB weights (HyperDreamBooth §4.2): the heads output T_A `[r, a]` and T_B
+    /// `[b, r]` per site, expanded through LiDB's frozen bases; `None`: full LoRA factors.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lidb: Option<LidbConfig>,
 }
 
 impl DecoderConfig {
@@ -93,6 +100,7 @@ impl DecoderConfig {
             heads: 8,
             intermediate: 2048,
             rounds: 4,
+            lidb: None,
         }
     }
 
@@ -106,6 +114,7 @@ impl DecoderConfig {
             heads: 4,
             intermediate: 64,
             rounds: 2,
+            lidb: None,
         }
     }
 }
@@ -128,16 +137,16 @@ impl HypernetConfig {
         }
     }
 
-    /// `lora_A` then `lora_B` of every site.
+    /// `lora_A` then `lora_B` of every site (LiDB: T_A `[r, a]` then T_B `[b, r]`).
     pub fn matrices(&self) -> Vec<MatrixSpec> {
         self.sites
             .iter()
             .flat_map(|s| {
-                let (i, o, r) = (
-                    s.in_features as i64,
-                    s.out_features as i64,
-                    self.decoder.rank,
-                );
+                let (i, o) = match &self.decoder.lidb {
+                    Some(l) => l.dims(s),
+                    None => (s.in_features as i64, s.out_features as i64),
+                };
+                let r = self.decoder.rank;
                 [
                     MatrixSpec {
                         rows: r,
@@ -179,6 +188,9 @@ impl HypernetConfig {
         if self.sites.is_empty() {
             bail!("hypernetwork: no LoRA sites");
         }
+        if let Some(l) = &self.decoder.lidb {
+            l.validate()?;
+        }
         let pre = self.preprocessor()?;
         let side = self.encoder.image_size as u32;
         let out = match (pre.do_center_crop, pre.size) {
@@ -203,6 +215,8 @@ pub struct Hypernetwork {
     pub encoder: ViTModel,
     pub decoder: WeightDecoder,
     pub preprocess: Preprocess,
+    /// LiDB's frozen bases when the decoder predicts LiDB weights.
+    pub lidb: Option<LidbBasis>,
 }
 
 impl Hypernetwork {
@@ -214,11 +228,16 @@ impl Hypernetwork {
             let _rng = crate::util::rng_lock();
             WeightDecoder::new(vs / "decoder", config.dims(), &config.matrices())?
         };
+        let lidb = match config.decoder.lidb {
+            Some(l) => Some(LidbBasis::new(l, &config.sites, vs.device())?),
+            None => None,
+        };
         Ok(Self {
             config: config.clone(),
             encoder,
             decoder,
             preprocess: config.preprocessor()?,
+            lidb,
         })
     }
 
@@ -303,6 +322,19 @@ impl Hypernetwork {
         Ok(specs)
     }
 
+    /// Site `i`'s LoRA factors from the decoder's flat outputs `[B, ·]`: A `[B, r, in]`,
+    /// B `[B, out, r]` (LiDB outputs are expanded through the frozen bases).
+    fn site_factors(&self, specs: &[MatrixSpec], theta: &[Tensor], i: usize) -> (Tensor, Tensor) {
+        let (sa, sb) = (specs[2 * i], specs[2 * i + 1]);
+        // [B, r·in] → [B, r, in];  [B, out·r] → [B, out, r]  (LiDB: [B, r, a], [B, b, r])
+        let a = theta[2 * i].view([-1, sa.rows, sa.cols]);
+        let b = theta[2 * i + 1].view([-1, sb.rows, sb.cols]);
+        match &self.lidb {
+            Some(l) => l.expand(i, &a, &b),
+            None => (a, b),
+        }
+    }
+
     /// ‖h(x)‖² per row, `[B]`: the paper's regulariser (eq. 5) on the weight update the
     /// hypernetwork predicts, Σ_sites ‖ΔW‖²_F with ΔW = (alpha/r)·B·A, computed as
     /// Σ (BᵀB ∘ AAᵀ) on r×r Gram matrices. (Penalising the factors A and B themselves would
@@ -312,10 +344,7 @@ impl Hypernetwork {
         let scale = self.config.decoder.alpha / self.config.decoder.rank as f64;
         let mut total: Option<Tensor> = None;
         for i in 0..self.config.sites.len() {
-            let (sa, sb) = (specs[2 * i], specs[2 * i + 1]);
-            // [B, r·in] → [B, r, in];  [B, out·r] → [B, out, r]
-            let a = theta[2 * i].view([-1, sa.rows, sa.cols]);
-            let b = theta[2 * i + 1].view([-1, sb.rows, sb.cols]);
+            let (a, b) = self.site_factors(specs, theta, i);
             // AAᵀ, BᵀB: [B, r, r]
             let ga = a.matmul(&a.transpose(1, 2));
             let gb = b.transpose(1, 2).matmul(&b);
@@ -335,10 +364,7 @@ impl Hypernetwork {
         let s = scale * (self.config.decoder.alpha / self.config.decoder.rank as f64);
         let mut batch = LoraBatch::new();
         for (i, site) in self.config.sites.iter().enumerate() {
-            let (sa, sb) = (specs[2 * i], specs[2 * i + 1]);
-            // [B, r·in] → [B, r, in];  [B, out·r] → [B, out, r]
-            let a = theta[2 * i].view([-1, sa.rows, sa.cols]);
-            let b = theta[2 * i + 1].view([-1, sb.rows, sb.cols]);
+            let (a, b) = self.site_factors(specs, theta, i);
             batch.insert(
                 *site,
                 LoraDelta {
@@ -354,21 +380,25 @@ impl Hypernetwork {
     /// One subject's LoRA from the outputs of its N images: β = (1/N)·Σ h(x_n).
     pub fn lora_set(&self, theta: &[Tensor]) -> Result<LoraSet> {
         let specs = self.check_theta(theta)?;
-        let mean = |t: &Tensor| {
-            t.detach()
-                .to_kind(Kind::Float)
-                .mean_dim(0, false, Kind::Float)
-                .to_device(Device::Cpu)
-        };
+        // [B, ·] → [1, ·]: the mean over the subject's images (the expansion is linear)
+        let mean: Vec<Tensor> = theta
+            .iter()
+            .map(|t| {
+                t.detach()
+                    .to_kind(Kind::Float)
+                    .mean_dim(0, true, Kind::Float)
+                    .to_device(Device::Cpu)
+            })
+            .collect();
         let mut weights = BTreeMap::new();
         for (i, site) in self.config.sites.iter().enumerate() {
-            let (sa, sb) = (specs[2 * i], specs[2 * i + 1]);
+            let (a, b) = self.site_factors(specs, &mean, i);
             weights.insert(
                 *site,
                 LoraWeights {
-                    // [r·in] → [r, in];  [out·r] → [out, r]
-                    a: mean(&theta[2 * i]).view([sa.rows, sa.cols]),
-                    b: mean(&theta[2 * i + 1]).view([sb.rows, sb.cols]),
+                    // [1, r, in] → [r, in];  [1, out, r] → [out, r]
+                    a: a.squeeze_dim(0),
+                    b: b.squeeze_dim(0),
                     alpha: self.config.decoder.alpha,
                 },
             );

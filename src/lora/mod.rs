@@ -7,6 +7,7 @@
 //! (A, B, scale), so base rows (scale 0) and personalized rows share one UNet call (HM-CFG).
 //! The only place these deltas are applied is [`crate::nn::Linear::forward_lora`].
 pub mod format;
+pub mod lidb;
 mod set;
 
 pub use set::{LoraSet, LoraWeights};

@@ -10,7 +10,9 @@
 //! 3. Each step: a batch of subject rows drawn with replacement, ε-MSE at t ~ U{0..T−1}
 //!    (diffusers' DDPM noising); with prior preservation the same number of class rows,
 //!    L = L_subject + γ·L_prior (DreamBooth eq. 2). AdamW, constant LR after warm-up.
-//! 4. With an initial LoRA (fast finetuning) that LoRA is frozen and added to the trained one:
+//! 4. LiDB (`lidb`, hyperdreambooth §4.1): the trained factors are T_A `[r, a]`, T_B `[b, r]` in
+//!    frozen random subspaces, A = T_A·P_A, B = P_B·T_B ([`crate::lora::lidb`]); same init rule.
+//! 5. With an initial LoRA (fast finetuning) that LoRA is frozen and added to the trained one:
 //!    per site `A = [A₀; A₁]`, `B = [s₀B₀, s₁B₁]`, alpha = r₀ + r₁, so one LoRA of rank r₀ + r₁
 //!    holds exactly ΔW₀ + ΔW₁ — that is what is trained through and exported.
 //!
@@ -24,6 +26,7 @@ use tch::{nn, Kind, Tensor};
 
 use super::{step_seed, AdamW};
 use crate::data::Rng;
+use crate::lora::lidb::{LidbBasis, LidbConfig};
 use crate::lora::{LoraBatch, LoraDelta, LoraSet, LoraSite, LoraWeights};
 use crate::pipeline::StableDiffusion;
 
@@ -42,6 +45,11 @@ pub struct FinetuneConfig {
     /// γ: weight of the prior-preservation loss (used when class images are given).
     pub prior_weight: f64,
     pub seed: u64,
+    /// Weight of the unconditional-preservation loss: the LoRA model's ε on the empty prompt
+    /// should equal the frozen model's on the same noisy subject rows (0 = off).
+    pub null_weight: f64,
+    /// Train in LiDB's random subspace (hyperdreambooth §4.1) instead of full LoRA factors.
+    pub lidb: Option<LidbConfig>,
 }
 
 impl FinetuneConfig {
@@ -56,6 +64,8 @@ impl FinetuneConfig {
             batch: 4,
             prior_weight: 1.0,
             seed: 0,
+            null_weight: 0.0,
+            lidb: None,
         }
     }
 
@@ -76,6 +86,12 @@ impl FinetuneConfig {
         }
         if !(self.prior_weight.is_finite() && self.prior_weight >= 0.0) {
             bail!("--prior-weight must be finite and ≥ 0");
+        }
+        if !(self.null_weight.is_finite() && self.null_weight >= 0.0) {
+            bail!("--null-weight must be finite and ≥ 0");
+        }
+        if let Some(l) = &self.lidb {
+            l.validate()?;
         }
         Ok(())
     }
@@ -103,6 +119,9 @@ pub struct Finetuned {
     pub snapshots: Vec<(u64, LoraSet, f64)>,
     /// Subject loss of every step.
     pub losses: Vec<f64>,
+    /// The trained factors per site, in site order: (A `[r, in]`, B `[out, r]`), or with LiDB
+    /// (T_A `[r, a]`, T_B `[b, r]`) — the pre-optimised weights a LiDB hypernetwork learns.
+    pub factors: Vec<(Tensor, Tensor)>,
     pub seconds: f64,
 }
 
@@ -128,15 +147,26 @@ struct SiteParams {
     scale: f64,
     /// `(A₀ [r₀, in], s₀·B₀ [out, r₀])` of the initial LoRA.
     init: Option<(Tensor, Tensor)>,
+    /// LiDB's frozen bases `(P_A [a, in], P_B [out, b])`: then `a`, `b` are T_A, T_B.
+    basis: Option<(Tensor, Tensor)>,
 }
 
 impl SiteParams {
+    /// The trained LoRA's own factors `(A [r, in], B [out, r])` (LiDB: T_A·P_A, P_B·T_B).
+    fn factors(&self) -> (Tensor, Tensor) {
+        match &self.basis {
+            None => (self.a.shallow_clone(), self.b.shallow_clone()),
+            Some((pa, pb)) => (self.a.matmul(pa), pb.matmul(&self.b)),
+        }
+    }
+
     /// `(A, B)` of the summed LoRA at scale 1: `[r₀+r₁, in]`, `[out, r₀+r₁]`.
     fn combined(&self) -> (Tensor, Tensor) {
-        let b1 = &self.b * self.scale;
+        let (a1, b1) = self.factors();
+        let b1 = b1 * self.scale;
         match &self.init {
-            None => (self.a.shallow_clone(), b1),
-            Some((a0, b0)) => (Tensor::cat(&[a0, &self.a], 0), Tensor::cat(&[b0, &b1], 1)),
+            None => (a1, b1),
+            Some((a0, b0)) => (Tensor::cat(&[a0, &a1], 0), Tensor::cat(&[b0, &b1], 1)),
         }
     }
 }
@@ -157,13 +187,24 @@ pub fn finetune_lora(
     let sites = sd.unet.lora_sites().to_vec();
     if let Some(init) = init {
         init.validate(&sites)?;
+        if cfg.lidb.is_some() {
+            bail!("LiDB finetuning starts from zero: it takes no initial LoRA");
+        }
     }
+    let basis = match cfg.lidb {
+        Some(l) => Some(LidbBasis::new(l, &sites, device)?),
+        None => None,
+    };
     let start = std::time::Instant::now();
     // 1. Frozen encodings.
     let (z_subj, c_subj) = encode(sd, subject)?;
     let prior = match prior {
         Some(p) if cfg.prior_weight > 0.0 => Some(encode(sd, p)?),
         _ => None,
+    };
+    let c_null = match cfg.null_weight > 0.0 {
+        true => Some(tch::no_grad(|| sd.encode_prompt(""))?),
+        false => None,
     };
     let noise_cfg = crate::diffusion::SchedulerConfig::for_training(&sd.scheduler_json)?;
     let schedule = crate::diffusion::NoiseSchedule::new(&noise_cfg)?;
@@ -175,8 +216,15 @@ pub fn finetune_lora(
     let vs = nn::VarStore::new(device);
     let root = vs.root();
     let mut params = Vec::new();
-    for site in &sites {
-        let (i, o) = (site.in_features as i64, site.out_features as i64);
+    for (k, site) in sites.iter().enumerate() {
+        // LiDB trains T_A [r, a], T_B [b, r] in the site's subspace (same init rule).
+        let basis = basis
+            .as_ref()
+            .map(|l| (l.bases[k].0.shallow_clone(), l.bases[k].1.shallow_clone()));
+        let (i, o) = match &basis {
+            Some((pa, pb)) => (pa.size()[0], pb.size()[1]),
+            None => (site.in_features as i64, site.out_features as i64),
+        };
         let path = &root / site.module_path().replace('.', "_");
         let bound = 1.0 / (i as f64).sqrt();
         let a = path.var(
@@ -200,6 +248,7 @@ pub fn finetune_lora(
             b,
             scale: cfg.alpha.unwrap_or(cfg.rank as f64) / cfg.rank as f64,
             init,
+            basis,
         });
     }
     let mut opt = AdamW::new(&vs, 0.0);
@@ -235,10 +284,23 @@ pub fn finetune_lora(
             c = Tensor::cat(&[c, cp.index_select(0, &idx)], 0);
         }
         let n = z.size()[0];
-        let t = Tensor::randint(n_train, [n], (Kind::Int64, device));
+        let mut t = Tensor::randint(n_train, [n], (Kind::Int64, device));
         let noise = z.randn_like();
-        let noisy = schedule.add_noise(&z, &noise, &t)?;
-        let target = schedule.target(&z, &noise, &t)?;
+        let mut noisy = schedule.add_noise(&z, &noise, &t)?;
+        let mut target = schedule.target(&z, &noise, &t)?;
+        if let Some(cn) = &c_null {
+            // Unconditional preservation: the subject rows again with the empty prompt, the
+            // frozen model's ε as the target.
+            let (xs, ts) = (noisy.narrow(0, 0, cfg.batch), t.narrow(0, 0, cfg.batch));
+            // [1, 77, D] → [batch, 77, D]
+            let cn = cn.expand([cfg.batch, -1, -1], false);
+            let base = tch::no_grad(|| sd.unet.forward(&xs, &ts, &cn, None))?;
+            noisy = Tensor::cat(&[&noisy, &xs], 0);
+            t = Tensor::cat(&[&t, &ts], 0);
+            c = Tensor::cat(&[&c, &cn], 0);
+            target = Tensor::cat(&[&target, &base], 0);
+        }
+        let n = noisy.size()[0];
         let mut lora = LoraBatch::new();
         for p in &params {
             let (a, b) = p.combined();
@@ -263,6 +325,10 @@ pub fn finetune_lora(
         if prior.is_some() {
             loss += per_row.narrow(0, cfg.batch, cfg.batch).mean(Kind::Float) * cfg.prior_weight;
         }
+        if c_null.is_some() {
+            let first = n - cfg.batch;
+            loss += per_row.narrow(0, first, cfg.batch).mean(Kind::Float) * cfg.null_weight;
+        }
         let value = l_subj.double_value(&[]);
         if !loss.double_value(&[]).is_finite() {
             bail!("finetuning diverged at step {step} (loss is NaN/Inf): lower --lr");
@@ -285,26 +351,37 @@ pub fn finetune_lora(
     bar.finish_and_clear();
 
     let lora = export(&params, cfg);
+    let factors = tch::no_grad(|| {
+        params
+            .iter()
+            .map(|p| {
+                (
+                    p.a.detach().to_device(tch::Device::Cpu).copy(),
+                    p.b.detach().to_device(tch::Device::Cpu).copy(),
+                )
+            })
+            .collect()
+    });
     Ok(Finetuned {
         lora,
         snapshots: taken,
         losses,
+        factors,
         seconds: start.elapsed().as_secs_f64(),
     })
 }
 
-/// 4. The LoRA as it stands (the summed LoRA at scale 1 when an initial LoRA was given).
+/// 5. The LoRA as it stands (the summed LoRA at scale 1 when an initial LoRA was given).
 fn export(params: &[SiteParams], cfg: &FinetuneConfig) -> LoraSet {
     let mut weights = BTreeMap::new();
     tch::no_grad(|| {
         for p in params {
             // Without an initial LoRA: the factors as trained, with the user's alpha.
             let (a, b, alpha) = match p.init {
-                None => (
-                    p.a.shallow_clone(),
-                    p.b.shallow_clone(),
-                    cfg.alpha.unwrap_or(cfg.rank as f64),
-                ),
+                None => {
+                    let (a, b) = p.factors();
+                    (a, b, cfg.alpha.unwrap_or(cfg.rank as f64))
+                }
                 Some(_) => {
                     let (a, b) = p.combined();
                     let rank = a.size()[0] as f64;

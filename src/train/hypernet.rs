@@ -15,6 +15,12 @@
 //!    captions; folders: `--class-data` images with "a <class>").
 //! 5. λ·‖h(x)‖²: the squared norm of the predicted update ΔW = (alpha/r)·B·A summed over sites,
 //!    averaged over the batch ([`Hypernetwork::squared_norm`]).
+//! 6. Unconditional preservation (`null_weight` > 0, loracast's addition): the subject rows
+//!    again with the empty prompt and the predicted LoRA, the frozen model's ε as the target,
+//!    so the LoRA leaves ε(∅) alone and CFG's (ε(c) − ε(∅)) carries — and amplifies — the subject.
+//! 7. HyperDreamBooth (`lidb_targets`, hyperdreambooth §4.2 eq. 2): the decoder predicts LiDB
+//!    weights, subjects are drawn from K pre-optimised LiDB subjects ([`super::lidb`]) and
+//!    β·‖θ̂ − θ‖² (summed over the predicted numbers, averaged over the batch) is added.
 //!
 //! AdamW, constant LR after warm-up, gradient accumulation over `accumulate` micro-batches,
 //! progress bar, metrics log, atomic checkpoints, exact resume and the NaN guard come from
@@ -25,8 +31,9 @@ use anyhow::{bail, Context as _, Result};
 use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 
+use super::lidb::LidbTargetsConfig;
 use super::{target_tensor, train, LoopConfig, StepOutput};
-use crate::data::{subject_prompt, Sample, Split, World, DEFAULT_TOKEN};
+use crate::data::{subject_prompt, Identity, Sample, Split, World, DEFAULT_TOKEN};
 use crate::hypernet::{DecoderConfig, HypernetConfig, Hypernetwork};
 use crate::io::preprocess::RgbImage;
 use crate::models::vit::ViTModel;
@@ -50,6 +57,9 @@ fn d_token() -> String {
 }
 fn d_class() -> String {
     "creature".to_string()
+}
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 /// `configs/toy/hypernet.json`.
@@ -77,6 +87,13 @@ pub struct HypernetTrainConfig {
     /// Seed of the toy world's data stream (ignored for folder data).
     #[serde(default)]
     pub world_seed: u64,
+    /// Weight of the unconditional-preservation loss: with the predicted LoRA, ε on the empty
+    /// prompt should equal the frozen model's on the same noisy subject rows (0 = off).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub null_weight: f64,
+    /// HyperDreamBooth: pre-optimised LiDB subjects and the weight-space loss (toy data only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lidb_targets: Option<LidbTargetsConfig>,
 }
 
 impl HypernetTrainConfig {
@@ -85,15 +102,20 @@ impl HypernetTrainConfig {
         if self.batch < 1 || self.accumulate < 1 {
             bail!("batch and accumulate must be ≥ 1");
         }
-        if !(self.lambda.is_finite()
-            && self.lambda >= 0.0
-            && self.gamma.is_finite()
-            && self.gamma >= 0.0)
+        if ![self.lambda, self.gamma, self.null_weight]
+            .iter()
+            .all(|x| x.is_finite() && *x >= 0.0)
         {
-            bail!("lambda and gamma must be finite and ≥ 0");
+            bail!("lambda, gamma and null_weight must be finite and ≥ 0");
         }
         if self.token.trim().is_empty() || self.class_word.trim().is_empty() {
             bail!("token and class_word must not be empty");
+        }
+        if let Some(t) = &self.lidb_targets {
+            t.validate()?;
+            if self.decoder.lidb.is_none() {
+                bail!("lidb_targets needs a LiDB decoder (set decoder.lidb)");
+            }
         }
         Ok(())
     }
@@ -163,11 +185,26 @@ struct MicroBatch {
     targets: Tensor,
     prompts: Vec<String>,
     prior_rows: bool,
+    /// Indices into the pre-optimised LiDB subjects (when drawn from them).
+    picked: Vec<usize>,
 }
 
 fn render_rgb(s: &Sample) -> Result<RgbImage> {
     let img = s.render();
     RgbImage::new(img.width as u32, img.height as u32, img.rgb)
+}
+
+/// A toy render as a training target `[3, size, size]` in [-1, 1] (resized when the base
+/// model's image size differs from the world's).
+pub(crate) fn toy_target(s: &Sample, size: i64) -> Result<Tensor> {
+    let img = s.render();
+    if img.width as i64 == size && img.height as i64 == size {
+        return Ok(img.to_tensor());
+    }
+    target_tensor(
+        &RgbImage::new(img.width as u32, img.height as u32, img.rgb)?,
+        size,
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -177,14 +214,30 @@ fn micro_batch(
     hyper: &Hypernetwork,
     size: i64,
     seed: u64,
+    pool: Option<&[Identity]>,
 ) -> Result<MicroBatch> {
     let mut world = World::new(seed);
     let prior = cfg.gamma > 0.0;
     let (mut inputs, mut targets, mut prompts) = (Vec::new(), Vec::new(), Vec::new());
     let (mut prior_targets, mut prior_prompts) = (Vec::new(), Vec::new());
+    let mut picked = Vec::new();
     match data {
         TrainData::Toy => {
-            for id in world.distinct_identities(Split::Train, cfg.batch as usize) {
+            let ids = match pool {
+                // distinct subjects of the pool (partial Fisher–Yates with the step's stream)
+                Some(pool) => {
+                    let mut order: Vec<usize> = (0..pool.len()).collect();
+                    let n = (cfg.batch as usize).min(pool.len());
+                    for i in 0..n {
+                        let j = i + world.rng().below(pool.len() - i);
+                        order.swap(i, j);
+                    }
+                    picked = order[..n].to_vec();
+                    picked.iter().map(|&k| pool[k]).collect()
+                }
+                None => world.distinct_identities(Split::Train, cfg.batch as usize),
+            };
+            for id in ids {
                 let input = world.view(id);
                 let (target, prompt) = match cfg.mode {
                     DataMode::Single => (input, format!("a {} {}", cfg.token, cfg.class_word)),
@@ -195,11 +248,11 @@ fn micro_batch(
                     }
                 };
                 inputs.push(render_rgb(&input)?);
-                targets.push(target.render().to_tensor());
+                targets.push(toy_target(&target, size)?);
                 prompts.push(prompt);
                 if prior {
                     let other = world.sample(Split::Train);
-                    prior_targets.push(other.render().to_tensor());
+                    prior_targets.push(toy_target(&other, size)?);
                     prior_prompts.push(other.context.caption());
                 }
             }
@@ -243,6 +296,7 @@ fn micro_batch(
         targets: Tensor::stack(&targets, 0),
         prompts,
         prior_rows: prior,
+        picked,
     })
 }
 
@@ -316,6 +370,21 @@ pub fn train_hypernet(cfg: &HypernetTrainConfig, job: HypernetJob) -> Result<Pat
             sd.unet.lora_fingerprint(),
         )
     };
+    // 7. The pre-optimised LiDB subjects (cached in the run folder).
+    let lidb_targets = match &cfg.lidb_targets {
+        Some(t) => {
+            if !matches!(job.data, TrainData::Toy) {
+                bail!("lidb_targets (HyperDreamBooth) is implemented for --data toy only");
+            }
+            std::fs::create_dir_all(job.out)
+                .with_context(|| format!("creating {}", job.out.display()))?;
+            let path = job.out.join("lidb_subjects.safetensors");
+            let targets = super::lidb::preoptimize(&sd, &cfg.decoder, t, &cfg.token, &path)?;
+            Some((targets, t.weight))
+        }
+        None => None,
+    };
+    let pool = lidb_targets.as_ref().map(|(t, _)| t.identities.as_slice());
     let _rng = crate::util::rng_lock();
     tch::manual_seed(cfg.loop_cfg.seed as i64);
     let mut vs = nn::VarStore::new(device);
@@ -343,13 +412,16 @@ pub fn train_hypernet(cfg: &HypernetTrainConfig, job: HypernetJob) -> Result<Pat
         |step| {
             let (mut total, mut ft_sum, mut reg_sum, mut prior_sum, mut base_sum) =
                 (0.0, 0.0, 0.0, 0.0, 0.0);
+            let (mut w_sum, mut null_sum) = (0.0, 0.0);
             for micro in 0..acc {
                 let seed = super::step_seed(cfg.world_seed, step * acc as u64 + micro as u64);
-                let mb = micro_batch(cfg, &job.data, &hyper, size, seed)?;
+                let mb = micro_batch(cfg, &job.data, &hyper, size, seed, pool)?;
                 let b = mb.pixels.size()[0];
                 // 1–2. h(x) → per-sample LoRA; prior rows reuse their subject's prediction.
                 let theta = hyper.forward(&mb.pixels)?;
-                let rows = if mb.prior_rows { 2 } else { 1 };
+                // rows: subject, then prior (γ > 0), then unconditional (null_weight > 0)
+                let null_rows = cfg.null_weight > 0.0;
+                let rows = 1 + mb.prior_rows as i64 + null_rows as i64;
                 let theta_rows: Vec<Tensor> = theta.iter().map(|t| t.repeat([rows, 1])).collect();
                 let lora = hyper.lora_batch(
                     &theta_rows,
@@ -363,11 +435,11 @@ pub fn train_hypernet(cfg: &HypernetTrainConfig, job: HypernetJob) -> Result<Pat
                     Ok((z, sd.text_encoder.forward(&ids)?))
                 })?;
                 let n = latents.size()[0];
-                let t = Tensor::randint(n_train, [n], (Kind::Int64, device));
+                let mut t = Tensor::randint(n_train, [n], (Kind::Int64, device));
                 let noise = latents.randn_like();
-                let noisy = schedule.add_noise(&latents, &noise, &t)?;
-                let target = schedule.target(&latents, &noise, &t)?;
-                let pred = sd.unet.forward(&noisy, &t, &ctx, Some(&lora))?;
+                let mut noisy = schedule.add_noise(&latents, &noise, &t)?;
+                let mut target = schedule.target(&latents, &noise, &t)?;
+                let mut ctx = ctx;
                 // Diagnostic: the frozen base on the same noisy subject rows (ΔW = 0).
                 let l_base = tch::no_grad(|| -> Result<f64> {
                     let p0 = sd.unet.forward(
@@ -382,6 +454,19 @@ pub fn train_hypernet(cfg: &HypernetTrainConfig, job: HypernetJob) -> Result<Pat
                         .double_value(&[]))
                 })?;
                 base_sum += l_base;
+                if null_rows {
+                    // 6. The subject rows with the empty prompt; target: the frozen model's ε.
+                    let (xs, ts) = (noisy.narrow(0, 0, b), t.narrow(0, 0, b));
+                    let cn = tch::no_grad(|| sd.encode_prompt(""))?;
+                    // [1, 77, D] → [B, 77, D]
+                    let cn = cn.expand([b, -1, -1], false);
+                    let eps0 = tch::no_grad(|| sd.unet.forward(&xs, &ts, &cn, None))?;
+                    noisy = Tensor::cat(&[&noisy, &xs], 0);
+                    t = Tensor::cat(&[&t, &ts], 0);
+                    ctx = Tensor::cat(&[&ctx, &cn], 0);
+                    target = Tensor::cat(&[&target, &eps0], 0);
+                }
+                let pred = sd.unet.forward(&noisy, &t, &ctx, Some(&lora))?;
                 // [rows·B, C, h, w] → per-row MSE [rows·B]
                 let per_row =
                     (pred - target)
@@ -392,11 +477,29 @@ pub fn train_hypernet(cfg: &HypernetTrainConfig, job: HypernetJob) -> Result<Pat
                 // 5. λ‖h(x)‖²
                 let reg = hyper.squared_norm(&theta)?.mean(Kind::Float);
                 let mut loss = &l_ft + &reg * cfg.lambda;
+                if let Some((targets, beta)) = &lidb_targets {
+                    // 7. β‖θ̂ − θ‖²: per matrix [B, numel] → summed over numbers and matrices
+                    let mut w = Tensor::zeros([], (Kind::Float, device));
+                    for (pred_m, target_m) in theta.iter().zip(targets.select(&mb.picked)) {
+                        w += (pred_m - target_m.to_device(device))
+                            .square()
+                            .sum_dim_intlist([1].as_slice(), false, Kind::Float)
+                            .mean(Kind::Float);
+                    }
+                    w_sum += w.double_value(&[]);
+                    loss += w * *beta;
+                }
                 if mb.prior_rows {
                     // 4. γ·L_reg
                     let l_prior = per_row.narrow(0, b, b).mean(Kind::Float);
                     prior_sum += l_prior.double_value(&[]);
                     loss += l_prior * cfg.gamma;
+                }
+                if null_rows {
+                    // 6. unconditional preservation
+                    let l_null = per_row.narrow(0, (rows - 1) * b, b).mean(Kind::Float);
+                    null_sum += l_null.double_value(&[]);
+                    loss += l_null * cfg.null_weight;
                 }
                 let loss = loss / acc as f64;
                 total += loss.double_value(&[]);
@@ -415,6 +518,12 @@ pub fn train_hypernet(cfg: &HypernetTrainConfig, job: HypernetJob) -> Result<Pat
             ];
             if cfg.gamma > 0.0 {
                 metrics.push(("l_prior", prior_sum / k));
+            }
+            if lidb_targets.is_some() {
+                metrics.push(("l_weight", w_sum / k));
+            }
+            if cfg.null_weight > 0.0 {
+                metrics.push(("l_null", null_sum / k));
             }
             Ok(StepOutput {
                 loss: Tensor::from(total),

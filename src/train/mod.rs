@@ -12,6 +12,7 @@ pub mod encoder;
 pub mod evaluators;
 pub mod finetune;
 pub mod hypernet;
+pub mod lidb;
 pub mod optim;
 
 pub use optim::AdamW;
