@@ -192,8 +192,6 @@ fn experiment_paper_writes_every_row_in_the_demo_schema() {
         "2,3",
         "--fastft-steps",
         "2",
-        "--only",
-        "base,hypernet,dreambooth_lora,hypernet_fastft",
         "--out",
         out.to_str().unwrap(),
     ]);
@@ -225,9 +223,13 @@ fn experiment_paper_writes_every_row_in_the_demo_schema() {
             "hypernet/cfg/null/null",
             "hypernet/hm-cfg/0.6/null",
             "hypernet/hm-cfg/1.2/null",
+            "hypernet_lambda0/cfg/null/null",
+            "hypernet_lambda0/hm-cfg/1.0/null",
             "dreambooth_lora/cfg/null/2",
             "dreambooth_lora/cfg/null/3",
             "hypernet_fastft/cfg/null/2",
+            "hyperdreambooth_hyper_only/cfg/null/null",
+            "hyperdreambooth_fastft/cfg/null/2",
         ]
     );
     for r in rows {
@@ -252,5 +254,22 @@ fn experiment_paper_writes_every_row_in_the_demo_schema() {
         &["experiment", "paper", "--kappas", "3", "--out", b],
         Some(&bad),
         "--kappas",
+    );
+    // A HyperDreamBooth file that is not a hypernetwork.
+    let junk = tmp.path().join("junk.safetensors");
+    std::fs::write(&junk, b"junk").unwrap();
+    assert_fails(
+        &[
+            "experiment",
+            "paper",
+            "--only",
+            "hyperdreambooth_hyper_only",
+            "--hyperdreambooth",
+            junk.to_str().unwrap(),
+            "--out",
+            b,
+        ],
+        Some(&bad),
+        "junk.safetensors",
     );
 }
