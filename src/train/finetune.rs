@@ -24,7 +24,7 @@ use anyhow::{bail, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use tch::{nn, Kind, Tensor};
 
-use super::{step_seed, AdamW};
+use super::{step_seed, AdamW, DenoiseRows};
 use crate::data::Rng;
 use crate::lora::lidb::{LidbBasis, LidbConfig};
 use crate::lora::{LoraBatch, LoraDelta, LoraSet, LoraSite, LoraWeights};
@@ -284,23 +284,19 @@ pub fn finetune_lora(
             c = Tensor::cat(&[c, cp.index_select(0, &idx)], 0);
         }
         let n = z.size()[0];
-        let mut t = Tensor::randint(n_train, [n], (Kind::Int64, device));
+        let t = Tensor::randint(n_train, [n], (Kind::Int64, device));
         let noise = z.randn_like();
-        let mut noisy = schedule.add_noise(&z, &noise, &t)?;
-        let mut target = schedule.target(&z, &noise, &t)?;
+        let mut dn = DenoiseRows {
+            noisy: schedule.add_noise(&z, &noise, &t)?,
+            target: schedule.target(&z, &noise, &t)?,
+            t,
+            ctx: c,
+        };
         if let Some(cn) = &c_null {
-            // Unconditional preservation: the subject rows again with the empty prompt, the
-            // frozen model's ε as the target.
-            let (xs, ts) = (noisy.narrow(0, 0, cfg.batch), t.narrow(0, 0, cfg.batch));
-            // [1, 77, D] → [batch, 77, D]
-            let cn = cn.expand([cfg.batch, -1, -1], false);
-            let base = tch::no_grad(|| sd.unet.forward(&xs, &ts, &cn, None))?;
-            noisy = Tensor::cat(&[&noisy, &xs], 0);
-            t = Tensor::cat(&[&t, &ts], 0);
-            c = Tensor::cat(&[&c, &cn], 0);
-            target = Tensor::cat(&[&target, &base], 0);
+            // Unconditional preservation: the subject rows again with the empty prompt.
+            dn.append_null_rows(sd, cn, cfg.batch)?;
         }
-        let n = noisy.size()[0];
+        let n = dn.noisy.size()[0];
         let mut lora = LoraBatch::new();
         for p in &params {
             let (a, b) = p.combined();
@@ -314,9 +310,9 @@ pub fn finetune_lora(
                 },
             );
         }
-        let pred = sd.unet.forward(&noisy, &t, &c, Some(&lora))?;
+        let pred = sd.unet.forward(&dn.noisy, &dn.t, &dn.ctx, Some(&lora))?;
         // [N, C, h, w] → per-row MSE [N]
-        let per_row = (pred - target)
+        let per_row = (pred - &dn.target)
             .square()
             .flatten(1, -1)
             .mean_dim(1, false, Kind::Float);

@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 
 use super::lidb::LidbTargetsConfig;
-use super::{target_tensor, train, LoopConfig, StepOutput};
+use super::{target_tensor, train, DenoiseRows, LoopConfig, StepOutput};
 use crate::data::{subject_prompt, Identity, Sample, Split, World, DEFAULT_TOKEN};
 use crate::hypernet::{DecoderConfig, HypernetConfig, Hypernetwork};
 use crate::io::preprocess::RgbImage;
@@ -385,6 +385,11 @@ pub fn train_hypernet(cfg: &HypernetTrainConfig, job: HypernetJob) -> Result<Pat
         None => None,
     };
     let pool = lidb_targets.as_ref().map(|(t, _)| t.identities.as_slice());
+    // 6. The empty prompt's embedding, once (frozen text encoder).
+    let c_null = match cfg.null_weight > 0.0 {
+        true => Some(tch::no_grad(|| sd.encode_prompt(""))?),
+        false => None,
+    };
     let _rng = crate::util::rng_lock();
     tch::manual_seed(cfg.loop_cfg.seed as i64);
     let mut vs = nn::VarStore::new(device);
@@ -420,7 +425,7 @@ pub fn train_hypernet(cfg: &HypernetTrainConfig, job: HypernetJob) -> Result<Pat
                 // 1–2. h(x) → per-sample LoRA; prior rows reuse their subject's prediction.
                 let theta = hyper.forward(&mb.pixels)?;
                 // rows: subject, then prior (γ > 0), then unconditional (null_weight > 0)
-                let null_rows = cfg.null_weight > 0.0;
+                let null_rows = c_null.is_some();
                 let rows = 1 + mb.prior_rows as i64 + null_rows as i64;
                 let theta_rows: Vec<Tensor> = theta.iter().map(|t| t.repeat([rows, 1])).collect();
                 let lora = hyper.lora_batch(
@@ -435,41 +440,36 @@ pub fn train_hypernet(cfg: &HypernetTrainConfig, job: HypernetJob) -> Result<Pat
                     Ok((z, sd.text_encoder.forward(&ids)?))
                 })?;
                 let n = latents.size()[0];
-                let mut t = Tensor::randint(n_train, [n], (Kind::Int64, device));
+                let t = Tensor::randint(n_train, [n], (Kind::Int64, device));
                 let noise = latents.randn_like();
-                let mut noisy = schedule.add_noise(&latents, &noise, &t)?;
-                let mut target = schedule.target(&latents, &noise, &t)?;
-                let mut ctx = ctx;
+                let mut dn = DenoiseRows {
+                    noisy: schedule.add_noise(&latents, &noise, &t)?,
+                    target: schedule.target(&latents, &noise, &t)?,
+                    t,
+                    ctx,
+                };
                 // Diagnostic: the frozen base on the same noisy subject rows (ΔW = 0).
                 let l_base = tch::no_grad(|| -> Result<f64> {
                     let p0 = sd.unet.forward(
-                        &noisy.narrow(0, 0, b),
-                        &t.narrow(0, 0, b),
-                        &ctx.narrow(0, 0, b),
+                        &dn.noisy.narrow(0, 0, b),
+                        &dn.t.narrow(0, 0, b),
+                        &dn.ctx.narrow(0, 0, b),
                         None,
                     )?;
-                    Ok((p0 - target.narrow(0, 0, b))
+                    Ok((p0 - dn.target.narrow(0, 0, b))
                         .square()
                         .mean(Kind::Float)
                         .double_value(&[]))
                 })?;
                 base_sum += l_base;
-                if null_rows {
+                if let Some(cn) = &c_null {
                     // 6. The subject rows with the empty prompt; target: the frozen model's ε.
-                    let (xs, ts) = (noisy.narrow(0, 0, b), t.narrow(0, 0, b));
-                    let cn = tch::no_grad(|| sd.encode_prompt(""))?;
-                    // [1, 77, D] → [B, 77, D]
-                    let cn = cn.expand([b, -1, -1], false);
-                    let eps0 = tch::no_grad(|| sd.unet.forward(&xs, &ts, &cn, None))?;
-                    noisy = Tensor::cat(&[&noisy, &xs], 0);
-                    t = Tensor::cat(&[&t, &ts], 0);
-                    ctx = Tensor::cat(&[&ctx, &cn], 0);
-                    target = Tensor::cat(&[&target, &eps0], 0);
+                    dn.append_null_rows(&sd, cn, b)?;
                 }
-                let pred = sd.unet.forward(&noisy, &t, &ctx, Some(&lora))?;
+                let pred = sd.unet.forward(&dn.noisy, &dn.t, &dn.ctx, Some(&lora))?;
                 // [rows·B, C, h, w] → per-row MSE [rows·B]
                 let per_row =
-                    (pred - target)
+                    (pred - &dn.target)
                         .square()
                         .flatten(1, -1)
                         .mean_dim(1, false, Kind::Float);

@@ -154,6 +154,36 @@ pub fn target_tensor(img: &crate::io::preprocess::RgbImage, size: i64) -> Result
     Ok(prep.pixel_values(img))
 }
 
+/// One denoising batch: noisy latents, timesteps, text embeddings and ε targets, row-aligned.
+pub(crate) struct DenoiseRows {
+    pub noisy: Tensor,
+    pub t: Tensor,
+    pub ctx: Tensor,
+    pub target: Tensor,
+}
+
+impl DenoiseRows {
+    /// Unconditional preservation (finetuning and hypernetwork training): appends the first `b`
+    /// rows again with the empty prompt's embedding `c_null` `[1, 77, D]`, the frozen model's ε
+    /// on them as their targets.
+    pub(crate) fn append_null_rows(
+        &mut self,
+        sd: &crate::pipeline::StableDiffusion,
+        c_null: &Tensor,
+        b: i64,
+    ) -> Result<()> {
+        let (xs, ts) = (self.noisy.narrow(0, 0, b), self.t.narrow(0, 0, b));
+        // [1, 77, D] → [b, 77, D]
+        let cn = c_null.expand([b, -1, -1], false);
+        let eps0 = tch::no_grad(|| sd.unet.forward(&xs, &ts, &cn, None))?;
+        self.noisy = Tensor::cat(&[&self.noisy, &xs], 0);
+        self.t = Tensor::cat(&[&self.t, &ts], 0);
+        self.ctx = Tensor::cat(&[&self.ctx, &cn], 0);
+        self.target = Tensor::cat(&[&self.target, &eps0], 0);
+        Ok(())
+    }
+}
+
 pub fn checkpoint_path(dir: &Path) -> PathBuf {
     dir.join("checkpoint.safetensors")
 }
