@@ -40,10 +40,14 @@ pub fn resolve_hypernet(arg: &Path) -> Result<PathBuf> {
     }
 }
 
-/// `toy` → the shipped λ = 0 hypernetwork (issue 6's comparison); anything else is a path.
-pub fn resolve_hypernet_lambda0(arg: &Path) -> Result<PathBuf> {
+/// `toy` → the shipped hypernetwork's twin trained with λ > 0, the same recipe and budget
+/// (issue 5's λ comparison; the shipped default has λ = 0); anything else is a path.
+pub fn resolve_hypernet_regularized(arg: &Path) -> Result<PathBuf> {
     match arg.to_str() {
-        Some(NAME) => shipped("hypernet-lambda0.safetensors", "λ = 0 hypernetwork"),
+        Some(NAME) => shipped(
+            "hypernet-regularized.safetensors",
+            "regularized (λ > 0) hypernetwork",
+        ),
         _ => Ok(arg.to_path_buf()),
     }
 }

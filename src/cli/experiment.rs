@@ -4,7 +4,8 @@
 //! `DIR/results.md` (the table for docs/RESULTS.md) and `DIR/kappa.svg`:
 //! - `base` (CFG): the frozen model with the plain caption;
 //! - `hypernet` (chosen λ): CFG, and HM-CFG at every κ of `--kappas` (paper Tables 5, 9/10);
-//! - `hypernet_lambda0`: the same recipe trained with λ = 0 (paper Table 3);
+//! - `hypernet_regularized`: the same recipe and budget with the other λ of the comparison
+//!   (paper Table 3: λ = 0 against λ > 0; each row records its λ);
 //! - `dreambooth_lora`: a LoRA finetuned per subject on its reference render, at every step
 //!   count of `--dreambooth-steps` (one run per subject, snapshots), timed (paper Tables 2/3);
 //! - `hypernet_fastft`: the hypernetwork's LoRA + rank-relaxed fast finetuning
@@ -43,7 +44,7 @@ pub enum ExperimentCommand {
 const METHODS: [&str; 7] = [
     "base",
     "hypernet",
-    "hypernet_lambda0",
+    "hypernet_regularized",
     "dreambooth_lora",
     "hypernet_fastft",
     "hyperdreambooth_hyper_only",
@@ -64,7 +65,7 @@ pub struct PaperArgs {
     /// Replace --out if it exists.
     #[arg(long)]
     pub force: bool,
-    /// Comma-separated subset of: base, hypernet, hypernet_lambda0, dreambooth_lora,
+    /// Comma-separated subset of: base, hypernet, hypernet_regularized, dreambooth_lora,
     /// hypernet_fastft, hyperdreambooth_hyper_only, hyperdreambooth_fastft.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
@@ -94,9 +95,9 @@ pub struct PaperArgs {
     pub base: PathBuf,
     #[arg(long, default_value = "toy")]
     pub hypernet: PathBuf,
-    /// The λ = 0 hypernetwork (file or `toy`).
+    /// The λ-comparison twin of `--hypernet`: the same recipe and budget, λ > 0 (file or `toy`).
     #[arg(long, default_value = "toy")]
-    pub hypernet_lambda0: PathBuf,
+    pub hypernet_regularized: PathBuf,
     /// HyperDreamBooth's LiDB hypernetwork (file or `toy`).
     #[arg(long, default_value = "toy")]
     pub hyperdreambooth: PathBuf,
@@ -151,10 +152,10 @@ fn paper(args: PaperArgs) -> Result<()> {
         true => Some(load_hyper(&args.hypernet, crate::toy::resolve_hypernet)?),
         false => None,
     };
-    let hyper0 = match wants("hypernet_lambda0") {
+    let hyper_reg = match wants("hypernet_regularized") {
         true => Some(load_hyper(
-            &args.hypernet_lambda0,
-            crate::toy::resolve_hypernet_lambda0,
+            &args.hypernet_regularized,
+            crate::toy::resolve_hypernet_regularized,
         )?),
         false => None,
     };
@@ -188,7 +189,7 @@ fn paper(args: PaperArgs) -> Result<()> {
         }
     };
     let hyper_sets = personalized(&hyper)?;
-    let hyper0_sets = personalized(&hyper0)?;
+    let hyper_reg_sets = personalized(&hyper_reg)?;
     let hdb_sets = personalized(&hdb)?;
     let n = subjects.len() as u64;
     let mut dreambooth = Vec::new();
@@ -262,10 +263,10 @@ fn paper(args: PaperArgs) -> Result<()> {
             });
         }
     }
-    if let Some(((sets, secs), lambda)) = &hyper0_sets {
+    if let Some(((sets, secs), lambda)) = &hyper_reg_sets {
         for guide in [Guide::Cfg, Guide::HmCfg { kappa: 1.0 }] {
             plans.push(Plan {
-                method: "hypernet_lambda0",
+                method: "hypernet_regularized",
                 guide,
                 lora: Some(sets),
                 lambda: *lambda,
@@ -363,7 +364,7 @@ fn paper(args: PaperArgs) -> Result<()> {
         .filter(|(_, r)| match r.method.as_str() {
             "hypernet" => r.kappa.is_none_or(|k| k == 1.0),
             "dreambooth_lora" => r.finetune_steps == longest,
-            "hypernet_lambda0" => false,
+            "hypernet_regularized" => false,
             _ => true,
         })
         .map(|(i, _)| i)
