@@ -24,49 +24,44 @@ fn shipped(rel: &str, what: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// `toy` → the shipped base model folder; anything else is a path.
-pub fn resolve_base(arg: &Path) -> Result<PathBuf> {
+/// `toy` → the shipped asset `rel` (named `what` in errors); anything else is a path.
+fn resolve(arg: &Path, rel: &str, what: &str) -> Result<PathBuf> {
     match arg.to_str() {
-        Some(NAME) => shipped("base", "base model"),
+        Some(NAME) => shipped(rel, what),
         _ => Ok(arg.to_path_buf()),
     }
 }
 
+/// `toy` → the shipped base model folder; anything else is a path.
+pub fn resolve_base(arg: &Path) -> Result<PathBuf> {
+    resolve(arg, "base", "base model")
+}
+
 /// `toy` → the shipped hypernetwork file; anything else is a path.
 pub fn resolve_hypernet(arg: &Path) -> Result<PathBuf> {
-    match arg.to_str() {
-        Some(NAME) => shipped("hypernet.safetensors", "hypernetwork"),
-        _ => Ok(arg.to_path_buf()),
-    }
+    resolve(arg, "hypernet.safetensors", "hypernetwork")
 }
 
 /// `toy` → the shipped hypernetwork's twin trained with λ > 0, the same recipe and budget
 /// (issue 5's λ comparison; the shipped default has λ = 0); anything else is a path.
 pub fn resolve_hypernet_regularized(arg: &Path) -> Result<PathBuf> {
-    match arg.to_str() {
-        Some(NAME) => shipped(
-            "hypernet-regularized.safetensors",
-            "regularized (λ > 0) hypernetwork",
-        ),
-        _ => Ok(arg.to_path_buf()),
-    }
+    resolve(
+        arg,
+        "hypernet-regularized.safetensors",
+        "regularized (λ > 0) hypernetwork",
+    )
 }
 
 /// `toy` → the shipped HyperDreamBooth (LiDB) hypernetwork (issue 6); anything else is a path.
 pub fn resolve_hyperdreambooth(arg: &Path) -> Result<PathBuf> {
-    match arg.to_str() {
-        Some(NAME) => shipped(
-            "hyperdreambooth.safetensors",
-            "HyperDreamBooth hypernetwork",
-        ),
-        _ => Ok(arg.to_path_buf()),
-    }
+    resolve(
+        arg,
+        "hyperdreambooth.safetensors",
+        "HyperDreamBooth hypernetwork",
+    )
 }
 
 /// `toy` → the shipped evaluators folder; anything else is a path.
 pub fn resolve_evaluators(arg: &Path) -> Result<PathBuf> {
-    match arg.to_str() {
-        Some(NAME) => shipped("evaluators", "evaluators"),
-        _ => Ok(arg.to_path_buf()),
-    }
+    resolve(arg, "evaluators", "evaluators")
 }

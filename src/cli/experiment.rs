@@ -142,31 +142,33 @@ fn paper(args: PaperArgs) -> Result<()> {
     let start = Instant::now();
     let sd = StableDiffusion::load(&crate::toy::resolve_base(&args.base)?, device)?;
     let fingerprint = sd.unet.lora_fingerprint();
-    let load_hyper = |arg: &PathBuf, shipped: fn(&std::path::Path) -> Result<PathBuf>| {
+    // The hypernetwork behind `arg` (a file or `toy`), loaded only when a wanted row needs it.
+    let load_hyper = |need: bool,
+                      arg: &PathBuf,
+                      shipped: fn(&std::path::Path) -> Result<PathBuf>|
+     -> Result<Option<(Hypernetwork, tch::nn::VarStore)>> {
+        if !need {
+            return Ok(None);
+        }
         let (h, vs) = Hypernetwork::load(&shipped(arg)?, device)?;
         h.check_base(&fingerprint)?;
-        Ok::<_, anyhow::Error>((h, vs))
+        Ok(Some((h, vs)))
     };
-    let need_hyper = wants("hypernet") || wants("hypernet_fastft");
-    let hyper = match need_hyper {
-        true => Some(load_hyper(&args.hypernet, crate::toy::resolve_hypernet)?),
-        false => None,
-    };
-    let hyper_reg = match wants("hypernet_regularized") {
-        true => Some(load_hyper(
-            &args.hypernet_regularized,
-            crate::toy::resolve_hypernet_regularized,
-        )?),
-        false => None,
-    };
-    let need_hdb = wants("hyperdreambooth_hyper_only") || wants("hyperdreambooth_fastft");
-    let hdb = match need_hdb {
-        true => Some(load_hyper(
-            &args.hyperdreambooth,
-            crate::toy::resolve_hyperdreambooth,
-        )?),
-        false => None,
-    };
+    let hyper = load_hyper(
+        wants("hypernet") || wants("hypernet_fastft"),
+        &args.hypernet,
+        crate::toy::resolve_hypernet,
+    )?;
+    let hyper_reg = load_hyper(
+        wants("hypernet_regularized"),
+        &args.hypernet_regularized,
+        crate::toy::resolve_hypernet_regularized,
+    )?;
+    let hdb = load_hyper(
+        wants("hyperdreambooth_hyper_only") || wants("hyperdreambooth_fastft"),
+        &args.hyperdreambooth,
+        crate::toy::resolve_hyperdreambooth,
+    )?;
     let evaluators = Evaluators::load(&crate::toy::resolve_evaluators(&args.evaluators)?, device)?;
     let subjects = heldout_subjects(args.seed, args.subjects, args.prompts);
     let sampling = Sampling {
