@@ -13,6 +13,12 @@ use tch::{Device, Kind, Tensor};
 
 /// Relative error allowed on every sampler output (ours: f64 coefficients; diffusers: f32).
 const TOL: f64 = 1e-5;
+/// Float32 results that libtorch computes with kernels chosen per CPU at run time (`linspace`
+/// with or without FMA, vectorised `pow`/`log`, AVX2 vs scalar Box–Muller in `randn`) differ
+/// between machines in the last bits. Measured: 3.6e-7 relative on `zero_snr`'s
+/// `alphas_cumprod` (≈ 3 float32 ULPs accumulated over the cumprod) between the fixture's CPU
+/// and CI's; 1e-6 allows that and still fails any real change of formula (≥ 1e-4).
+const F32_CROSS_CPU: f64 = 1e-6;
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -141,8 +147,14 @@ fn timesteps_and_init_sigma_match() {
                 assert!(ok, "{what}: timesteps {ours:?}\n diffusers {theirs:?}");
                 n_inexact += usize::from(a != b);
             }
+            // init_noise_sigma comes from float32 `alphas_cumprod` (see F32_CROSS_CPU).
             let sigma = num(&res["init_sigma"][steps.to_string()]);
-            assert_eq!(s.init_noise_sigma(), sigma, "{what}: init_noise_sigma");
+            let e = (s.init_noise_sigma() - sigma).abs() / sigma.abs().max(1.0);
+            assert!(
+                e <= F32_CROSS_CPU,
+                "{what}: init_noise_sigma {} vs {sigma} ({e:.1e})",
+                s.init_noise_sigma()
+            );
             n_ok += 1;
         }
     }
@@ -177,10 +189,14 @@ fn trajectories_match() -> Result<()> {
             let _rng = loracast::util::rng_lock();
             tch::manual_seed(seed);
             let x = Tensor::randn(&shape[..], (Kind::Float, Device::Cpu));
-            assert_eq!(
-                rel_err(&x, &x_t),
-                0.0,
-                "global RNG differs from torch.Generator"
+            // Same stream, same Box–Muller: libtorch's CPU `randn` runs a vectorised (AVX2)
+            // or a scalar `log`/`sin`/`cos` depending on the CPU, so the fixture (another
+            // machine) can differ in the last float32 bits; a different stream or transform is
+            // off by O(1).
+            let e = rel_err(&x, &x_t);
+            assert!(
+                e <= F32_CROSS_CPU,
+                "global RNG differs from torch.Generator ({e:.1e})"
             );
             let mut latents = x * s.init_noise_sigma();
             let timesteps = s.timesteps().to_vec();
@@ -232,7 +248,8 @@ fn add_noise_and_velocity_match() -> Result<()> {
         let ns = NoiseSchedule::new(&SchedulerConfig::for_training(json)?)?;
         let ac = refs.tensor(&format!("{name}.alphas_cumprod"), Kind::Float)?;
         let ours = Tensor::from_slice(ns.alphas_cumprod()).to_kind(Kind::Float);
-        assert_eq!(rel_err(&ours, &ac), 0.0, "{name}: alphas_cumprod");
+        let e = rel_err(&ours, &ac);
+        assert!(e <= F32_CROSS_CPU, "{name}: alphas_cumprod rel err {e:.2e}");
         assert_eq!(ns.num_train_timesteps(), 1000);
         let e1 = rel_err(
             &ns.add_noise(&x0, &noise, &t)?,
