@@ -1,10 +1,20 @@
-//! The Stable Diffusion 1.x text-to-image pipeline: the one explicit denoising loop.
+//! The Stable Diffusion text-to-image pipeline for SD1.x/SD2.x and SDXL: the one explicit
+//! denoising loop.
 //!
-//! Mirrors diffusers' `StableDiffusionPipeline.__call__` step for step so that a seed gives the
-//! same image (SPEC §5): prompt → CLIP ids → text states (prompt and negative encoded
-//! separately), initial latents `randn(seed) · init_noise_sigma` from the CPU generator, then per
-//! timestep `scale_model_input → UNet on [uncond; cond] → ε_u + g·(ε_c − ε_u) → scheduler.step`,
-//! and `VAE.decode(latents / scaling_factor)`.
+//! Mirrors diffusers' `StableDiffusionPipeline.__call__` and `StableDiffusionXLPipeline.__call__`
+//! step for step so that a seed gives the same image (SPEC §5): prompt → CLIP ids → text states
+//! (prompt and negative encoded separately), initial latents `randn(seed) · init_noise_sigma`
+//! from the CPU generator, then per timestep `scale_model_input → UNet on [uncond; cond] →
+//! ε_u + g·(ε_c − ε_u) (→ guidance_rescale) → scheduler.step`, and `VAE.decode(latents /
+//! scaling_factor)`.
+//!
+//! The families differ only in how a prompt becomes conditioning ([`Family`]): SD1.x uses the
+//! text encoder's last hidden state; SDXL (`pipeline_stable_diffusion_xl.py::encode_prompt`)
+//! concatenates `hidden_states[-2]` of `text_encoder` and `text_encoder_2`, adds the pooled
+//! `text_embeds` of `text_encoder_2` and the time ids `[orig_h, orig_w, crop_y, crop_x, tgt_h,
+//! tgt_w]` (`_get_add_time_ids`), and with `force_zeros_for_empty_prompt` and no negative prompt
+//! its unconditional row is all zeros. It decodes `latents · std / sf + mean` when the VAE
+//! config has `latents_mean`/`latents_std`.
 //!
 //! With a LoRA, every row carries its own LoRA (per-sample, [`LoraSet::batch`]): plain CFG applies
 //! it to both rows as diffusers' `load_lora_weights` does; Hybrid-Model CFG (paper §4.2, appendix
@@ -18,22 +28,120 @@ use tch::{nn::VarStore, Device, Kind, Tensor};
 use crate::diffusion::{self, Scheduler, SchedulerConfig, SchedulerKind};
 use crate::io::DiffusersFolder;
 use crate::lora::LoraSet;
-use crate::models::clip_text::ClipTextModel;
+use crate::models::clip_text::{ClipTextConfig, ClipTextModel, ClipTextModelWithProjection};
 use crate::models::tokenizer::ClipTokenizer;
-use crate::models::unet::UNet2DConditionModel;
+use crate::models::unet::{AddedCond, UNet2DConditionModel, UNetCond, UNetConfig};
 use crate::models::vae::AutoencoderKL;
 
-/// A loaded SD1.x pipeline. The VarStores own the (frozen) weights.
+/// Which pipeline a folder is, from its `model_index.json` and UNet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// `StableDiffusionPipeline` (SD1.x/SD2.x).
+    Sd,
+    /// `StableDiffusionXLPipeline`: two text encoders, pooled embeds and time ids.
+    Sdxl {
+        /// `model_index.json`'s `force_zeros_for_empty_prompt` (default true): no negative
+        /// prompt → zero unconditional embeddings.
+        force_zeros_for_empty_prompt: bool,
+    },
+}
+
+/// SDXL's second tokenizer and text encoder (`tokenizer_2`, `text_encoder_2`).
+pub struct SecondTextEncoder {
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: ClipTextModelWithProjection,
+}
+
+/// The conditioning of one or more UNet rows.
+#[derive(Debug)]
+pub struct TextCond {
+    /// Cross-attention states `[B, 77, cross_attention_dim]`.
+    pub hidden: Tensor,
+    /// SDXL: pooled `text_embeds` `[B, P]`.
+    pub pooled: Option<Tensor>,
+}
+
+impl TextCond {
+    /// Rows stacked in order: `[ΣB, …]`.
+    pub fn cat(rows: &[TextCond]) -> Result<TextCond> {
+        let hidden: Vec<&Tensor> = rows.iter().map(|r| &r.hidden).collect();
+        let pooled: Option<Vec<&Tensor>> = rows.iter().map(|r| r.pooled.as_ref()).collect();
+        if pooled.is_none() && rows.iter().any(|r| r.pooled.is_some()) {
+            bail!("internal error: rows mix SD1.x and SDXL conditioning");
+        }
+        Ok(TextCond {
+            hidden: Tensor::cat(&hidden, 0),
+            pooled: pooled.map(|p| Tensor::cat(&p, 0)),
+        })
+    }
+
+    /// Every row repeated `n` times in place (diffusers' `num_images_per_prompt`).
+    pub fn repeat(&self, n: i64) -> TextCond {
+        TextCond {
+            hidden: self.hidden.repeat_interleave_self_int(n, 0, None),
+            pooled: self
+                .pooled
+                .as_ref()
+                .map(|p| p.repeat_interleave_self_int(n, 0, None)),
+        }
+    }
+
+    /// The same shapes, all zeros (SDXL's `force_zeros_for_empty_prompt`).
+    pub fn zeros_like(&self) -> TextCond {
+        TextCond {
+            hidden: self.hidden.zeros_like(),
+            pooled: self.pooled.as_ref().map(Tensor::zeros_like),
+        }
+    }
+}
+
+/// A loaded SD1.x or SDXL pipeline. The VarStores own the (frozen) weights.
 pub struct StableDiffusion {
+    pub family: Family,
     pub tokenizer: ClipTokenizer,
     pub text_encoder: ClipTextModel,
+    /// SDXL only.
+    pub text_encoder_2: Option<SecondTextEncoder>,
     pub unet: UNet2DConditionModel,
     pub vae: AutoencoderKL,
     /// `scheduler/scheduler_config.json` as read, and the class it names.
     pub scheduler_json: serde_json::Value,
     pub scheduler_kind: SchedulerKind,
     pub device: Device,
+    /// Compute dtype of the text encoders and the UNet (`--dtype`); latents and the scheduler
+    /// stay float32.
+    pub dtype: Kind,
+    /// The VAE's dtype: `dtype`, or float32 for fp16 with `force_upcast`.
+    pub vae_dtype: Kind,
     _stores: Vec<VarStore>,
+}
+
+/// How [`StableDiffusion::load_with`] reads a folder.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// diffusers' `variant` (`fp16`): `*.fp16.safetensors` where a component has them.
+    pub variant: Option<String>,
+    /// Compute dtype (`--dtype f32|f16|bf16`), diffusers' `torch_dtype`.
+    pub dtype: Kind,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            variant: None,
+            dtype: Kind::Float,
+        }
+    }
+}
+
+/// `f32` | `f16` | `bf16` → the tch kind.
+pub fn parse_dtype(s: &str) -> Result<Kind> {
+    match s {
+        "f32" | "float32" => Ok(Kind::Float),
+        "f16" | "float16" | "fp16" => Ok(Kind::Half),
+        "bf16" | "bfloat16" => Ok(Kind::BFloat16),
+        other => bail!("--dtype must be f32, f16 or bf16, got {other:?}"),
+    }
 }
 
 /// One text-to-image request (defaults follow diffusers' StableDiffusionPipeline).
@@ -41,6 +149,9 @@ pub struct StableDiffusion {
 pub struct GenerateRequest {
     pub prompt: String,
     pub negative_prompt: Option<String>,
+    /// SDXL's `prompt_2` / `negative_prompt_2` for `text_encoder_2` (default: the first).
+    pub prompt_2: Option<String>,
+    pub negative_prompt_2: Option<String>,
     pub guidance_scale: f64,
     pub steps: usize,
     /// `None` = the folder's own scheduler class.
@@ -56,6 +167,19 @@ pub struct GenerateRequest {
     pub generic_prompt: Option<String>,
     /// HM-CFG's κ ∈ [0, 2]: weight of the personalized model (1 = the paper's default).
     pub kappa: f64,
+    /// diffusers' `clip_skip`: layers skipped from the end of the text encoder(s) for the
+    /// prompt (not the negative, as in diffusers).
+    pub clip_skip: Option<usize>,
+    /// diffusers' `guidance_rescale` (φ of "Common Diffusion Noise Schedules…", §3.4); 0 = off.
+    pub guidance_rescale: f64,
+    /// SDXL micro-conditioning `(h, w)`; `None` = the image size.
+    pub original_size: Option<(i64, i64)>,
+    /// SDXL micro-conditioning `(y, x)`.
+    pub crops_coords_top_left: (i64, i64),
+    /// SDXL micro-conditioning `(h, w)`; `None` = the image size.
+    pub target_size: Option<(i64, i64)>,
+    /// diffusers' `num_images_per_prompt` (≥ 1; [`StableDiffusion::generate_batch`]).
+    pub num_images: usize,
 }
 
 /// How the UNet rows of one step are combined.
@@ -92,6 +216,8 @@ impl GenerateRequest {
         Self {
             prompt: prompt.to_string(),
             negative_prompt: None,
+            prompt_2: None,
+            negative_prompt_2: None,
             guidance_scale: 7.5,
             steps: 50,
             scheduler: None,
@@ -102,6 +228,12 @@ impl GenerateRequest {
             lora_scale: 1.0,
             generic_prompt: None,
             kappa: 1.0,
+            clip_skip: None,
+            guidance_rescale: 0.0,
+            original_size: None,
+            crops_coords_top_left: (0, 0),
+            target_size: None,
+            num_images: 1,
         }
     }
 
@@ -124,7 +256,12 @@ impl GenerateRequest {
 impl StableDiffusion {
     /// Loads every component of a diffusers folder, validating all of them before returning.
     pub fn load(dir: &Path, device: Device) -> Result<Self> {
-        let folder = DiffusersFolder::open(dir)?;
+        Self::load_with(dir, &LoadOptions::default(), device)
+    }
+
+    /// [`Self::load`] with a weight variant and a compute dtype.
+    pub fn load_with(dir: &Path, opts: &LoadOptions, device: Device) -> Result<Self> {
+        let folder = DiffusersFolder::open_variant(dir, opts.variant.as_deref())?;
         let scheduler_json: serde_json::Value =
             folder.config("scheduler", "scheduler_config.json")?;
         let class = scheduler_json
@@ -135,20 +272,92 @@ impl StableDiffusion {
         // Validate the folder's own scheduler config up front.
         SchedulerConfig::from_json(&scheduler_json, scheduler_kind)
             .context("scheduler/scheduler_config.json")?;
+        // Configs first: a folder whose parts do not fit together fails before any weights load.
+        let unet_cfg = UNetConfig::from_json(folder.config("unet", "config.json")?)?;
+        let te_cfg = ClipTextConfig::from_json(folder.config("text_encoder", "config.json")?)?;
+        let sdxl = folder
+            .model_index
+            .get("text_encoder_2")
+            .is_some_and(|v| !v.is_null())
+            || unet_cfg.addition_embed_type.is_some();
+        let te2_cfg = match sdxl {
+            true => Some(
+                ClipTextConfig::from_json(folder.config("text_encoder_2", "config.json")?)
+                    .context("text_encoder_2")?,
+            ),
+            false => None,
+        };
+        check_text_widths(&unet_cfg, &te_cfg, te2_cfg.as_ref())?;
+        let tokenizer_2 = match sdxl {
+            true => Some(
+                ClipTokenizer::from_dir(&folder.component("tokenizer_2")?)
+                    .context("tokenizer_2")?,
+            ),
+            false => None,
+        };
+        let force_zeros = match folder.model_index.get("force_zeros_for_empty_prompt") {
+            None | Some(serde_json::Value::Null) => true,
+            Some(serde_json::Value::Bool(b)) => *b,
+            Some(v) => bail!(
+                "model_index.json: force_zeros_for_empty_prompt must be true or false, got {v}"
+            ),
+        };
+
         let tokenizer = ClipTokenizer::from_dir(&folder.component("tokenizer")?)?;
-        let (text_encoder, te_vs) = ClipTextModel::load(&folder, device)?;
-        let (unet, unet_vs) = UNet2DConditionModel::load(&folder, device)?;
-        let (vae, vae_vs) = AutoencoderKL::load(&folder, device)?;
+        let (text_encoder, mut te_vs) = ClipTextModel::load(&folder, device)?;
+        let (unet, mut unet_vs) = UNet2DConditionModel::load(&folder, device)?;
+        let (vae, mut vae_vs) = AutoencoderKL::load(&folder, device)?;
+        let dtype = opts.dtype;
+        te_vs.set_kind(dtype);
+        unet_vs.set_kind(dtype);
+        // diffusers decodes in f32 when the VAE is fp16 and its config says force_upcast.
+        let vae_dtype = match dtype == Kind::Half && vae.config().force_upcast {
+            true => Kind::Float,
+            false => dtype,
+        };
+        vae_vs.set_kind(vae_dtype);
+        let mut stores = vec![te_vs, unet_vs, vae_vs];
+        let (family, text_encoder_2) = match tokenizer_2 {
+            Some(tokenizer) => {
+                let (text_encoder, mut vs) =
+                    ClipTextModelWithProjection::load(&folder, "text_encoder_2", device)?;
+                vs.set_kind(dtype);
+                stores.push(vs);
+                let family = Family::Sdxl {
+                    force_zeros_for_empty_prompt: force_zeros,
+                };
+                (
+                    family,
+                    Some(SecondTextEncoder {
+                        tokenizer,
+                        text_encoder,
+                    }),
+                )
+            }
+            None => (Family::Sd, None),
+        };
         Ok(Self {
+            family,
             tokenizer,
             text_encoder,
+            text_encoder_2,
             unet,
             vae,
             scheduler_json,
             scheduler_kind,
             device,
-            _stores: vec![te_vs, unet_vs, vae_vs],
+            dtype,
+            vae_dtype,
+            _stores: stores,
         })
+    }
+
+    /// diffusers' default `guidance_scale`: 7.5 for StableDiffusionPipeline, 5.0 for SDXL.
+    pub fn default_guidance_scale(&self) -> f64 {
+        match self.family {
+            Family::Sd => 7.5,
+            Family::Sdxl { .. } => 5.0,
+        }
     }
 
     /// Default image size: UNet `sample_size` × VAE scale factor.
@@ -156,12 +365,89 @@ impl StableDiffusion {
         self.unet.config.sample_size * self.vae.config().scale_factor()
     }
 
-    /// CLIP last hidden state of one prompt: `[1, 77, D]`.
+    /// The cross-attention states of one prompt: `[1, 77, D]` (SD1.x: CLIP's last hidden
+    /// state; SDXL: both encoders' penultimate states, concatenated).
     pub fn encode_prompt(&self, prompt: &str) -> Result<Tensor> {
-        let ids = Tensor::from_slice(&self.tokenizer.encode(prompt))
-            .unsqueeze(0)
-            .to_device(self.device);
-        self.text_encoder.forward(&ids)
+        Ok(self.encode_text(prompt, None, None)?.hidden)
+    }
+
+    /// The conditioning of one prompt, as diffusers' `encode_prompt` for the positive prompt.
+    /// `clip_skip`: SD1.x taps `hidden_states[-(k+1)]` and applies `final_layer_norm`; SDXL taps
+    /// `hidden_states[-(k+2)]` of both encoders (no final norm; `[-2]` without it).
+    /// `prompt_2` is SDXL's text for `text_encoder_2` (`None` or "" = `prompt`, as diffusers'
+    /// `prompt_2 or prompt`).
+    pub fn encode_text(
+        &self,
+        prompt: &str,
+        prompt_2: Option<&str>,
+        clip_skip: Option<usize>,
+    ) -> Result<TextCond> {
+        let ids = |t: &ClipTokenizer, text: &str| {
+            Tensor::from_slice(&t.encode(text))
+                .unsqueeze(0)
+                .to_device(self.device)
+        };
+        let prompt_2 = prompt_2.filter(|p| !p.is_empty()).unwrap_or(prompt);
+        match &self.text_encoder_2 {
+            None => {
+                let hidden = match clip_skip {
+                    None => self.text_encoder.forward(&ids(&self.tokenizer, prompt))?,
+                    Some(k) => {
+                        let out = self
+                            .text_encoder
+                            .encode(&ids(&self.tokenizer, prompt), k + 1)?;
+                        self.text_encoder.final_layer_norm(&out.hidden)
+                    }
+                };
+                Ok(TextCond {
+                    hidden,
+                    pooled: None,
+                })
+            }
+            Some(te2) => {
+                let from_end = clip_skip.map_or(2, |k| k + 2);
+                let one = self
+                    .text_encoder
+                    .encode(&ids(&self.tokenizer, prompt), from_end)?;
+                let two = te2
+                    .text_encoder
+                    .encode(&ids(&te2.tokenizer, prompt_2), from_end)?;
+                // [1, 77, D1] ++ [1, 77, D2] → [1, 77, D1 + D2]
+                Ok(TextCond {
+                    hidden: Tensor::cat(&[one.hidden, two.hidden], -1),
+                    pooled: Some(two.pooled),
+                })
+            }
+        }
+    }
+
+    /// The unconditional row for CFG: SDXL with `force_zeros_for_empty_prompt` and no negative
+    /// prompt → zeros shaped like `cond`; otherwise the negative prompt (or "") encoded
+    /// without `clip_skip`, as diffusers does (`negative_2`: SDXL's `negative_prompt_2`).
+    pub fn encode_uncond(
+        &self,
+        negative: Option<&str>,
+        negative_2: Option<&str>,
+        cond: &TextCond,
+    ) -> Result<TextCond> {
+        match (self.family, negative) {
+            (
+                Family::Sdxl {
+                    force_zeros_for_empty_prompt: true,
+                },
+                None,
+            ) => Ok(cond.zeros_like()),
+            _ => self.encode_text(negative.unwrap_or(""), negative_2, None),
+        }
+    }
+
+    /// SDXL's `add_time_ids` `[1, 6]` for an image of `h × w`.
+    pub fn time_ids(&self, req: &GenerateRequest, h: i64, w: i64) -> Tensor {
+        let (oh, ow) = req.original_size.unwrap_or((h, w));
+        let (cy, cx) = req.crops_coords_top_left;
+        let (th, tw) = req.target_size.unwrap_or((h, w));
+        let ids = [oh, ow, cy, cx, th, tw].map(|v| v as f32);
+        Tensor::from_slice(&ids).unsqueeze(0).to_device(self.device)
     }
 
     /// The scheduler a request asks for, configured like diffusers' `X.from_config(config)`.
@@ -185,6 +471,9 @@ impl StableDiffusion {
         if req.steps == 0 {
             bail!("--steps must be at least 1");
         }
+        if req.num_images == 0 {
+            bail!("--num-images must be at least 1");
+        }
         if !req.guidance_scale.is_finite() {
             bail!("--guidance-scale must be a finite number");
         }
@@ -202,12 +491,76 @@ impl StableDiffusion {
         if let Some(lora) = &req.lora {
             lora.validate(self.unet.lora_sites())?;
         }
+        if !req.guidance_rescale.is_finite() || req.guidance_rescale < 0.0 {
+            bail!(
+                "--guidance-rescale must be a finite number ≥ 0, got {}",
+                req.guidance_rescale
+            );
+        }
+        if req.guidance_rescale > 0.0 && !matches!(req.guidance(), Guidance::Cfg { .. }) {
+            bail!(
+                "--guidance-rescale rescales plain CFG (guidance scale > 1, no --generic-prompt)"
+            );
+        }
+        if self.family == Family::Sd {
+            let sdxl_only = [
+                ("--prompt-2", req.prompt_2.is_some()),
+                ("--negative-prompt-2", req.negative_prompt_2.is_some()),
+                ("--original-size", req.original_size.is_some()),
+                (
+                    "--crops-coords-top-left",
+                    req.crops_coords_top_left != (0, 0),
+                ),
+                ("--target-size", req.target_size.is_some()),
+            ];
+            if let Some((flag, _)) = sdxl_only.iter().find(|(_, set)| *set) {
+                bail!("{flag} is SDXL micro-conditioning; this base is an SD1.x/SD2.x pipeline");
+            }
+        }
+        for (flag, v) in [
+            ("--original-size", req.original_size),
+            ("--target-size", req.target_size),
+        ] {
+            if let Some((a, b)) = v {
+                if a <= 0 || b <= 0 {
+                    bail!("{flag} must be two positive numbers H,W, got {a},{b}");
+                }
+            }
+        }
+        if let Some(k) = req.clip_skip {
+            let n = self.text_encoder.config.num_hidden_layers as usize;
+            let n2 = self.text_encoder_2.as_ref().map_or(n, |t| {
+                t.text_encoder.text_model.config.num_hidden_layers as usize
+            });
+            // SD1.x taps hidden_states[-(k+1)], SDXL [-(k+2)], of N+1 states.
+            let most = match self.family {
+                Family::Sd => n,
+                Family::Sdxl { .. } => n.min(n2).saturating_sub(1),
+            };
+            if k > most {
+                bail!("--clip-skip {k} is larger than the text encoder allows ({most})");
+            }
+        }
         Ok((h, w))
     }
 
-    /// Runs the denoising loop; returns the decoded image `[3, H, W]` in [-1, 1].
-    /// `progress(i, n)` is called after each step.
+    /// Runs the denoising loop for one image (`num_images == 1`); returns it `[3, H, W]` in
+    /// [-1, 1]. `progress(i, n)` is called after each step.
     pub fn generate(
+        &self,
+        req: &GenerateRequest,
+        progress: impl FnMut(usize, usize),
+    ) -> Result<Tensor> {
+        if req.num_images != 1 {
+            bail!("generate makes one image; use generate_batch for num_images > 1");
+        }
+        Ok(self.generate_batch(req, progress)?.squeeze_dim(0))
+    }
+
+    /// Runs the denoising loop for `req.num_images` images of one prompt (diffusers'
+    /// `num_images_per_prompt`: one `randn([N, C, h, w])` draw, every conditioning row repeated
+    /// N times); returns `[N, 3, H, W]` in [-1, 1]. `progress(i, n)` is called after each step.
+    pub fn generate_batch(
         &self,
         req: &GenerateRequest,
         mut progress: impl FnMut(usize, usize),
@@ -215,37 +568,58 @@ impl StableDiffusion {
         let (h, w) = self.validate(req)?;
         let mut scheduler = self.scheduler(req.scheduler, req.steps)?;
         let guidance = req.guidance();
+        let n = req.num_images as i64;
         // The latents (and Euler-a's noise) come from the seeded global generator.
         let _rng = crate::util::rng_lock();
         let lora = req.lora.as_ref().map(|l| l.to_device(self.device));
         tch::no_grad(|| {
-            // 1. Text states and the LoRA of each row (diffusers encodes each prompt on its own).
-            let uncond = || self.encode_prompt(req.negative_prompt.as_deref().unwrap_or(""));
+            // 1. Conditioning and the LoRA of each group of N rows (diffusers encodes each
+            // prompt on its own).
+            let cond = self.encode_text(&req.prompt, req.prompt_2.as_deref(), req.clip_skip)?;
+            let uncond = || {
+                let (neg, neg_2) = (&req.negative_prompt, &req.negative_prompt_2);
+                self.encode_uncond(neg.as_deref(), neg_2.as_deref(), &cond)
+            };
             let personal = lora.as_ref().map(|l| (l, req.lora_scale));
-            let (ctx, rows) = match guidance {
-                Guidance::None => (self.encode_prompt(&req.prompt)?, vec![personal]),
-                // [∅; c]: [2, 77, D]
-                Guidance::Cfg { .. } => (
-                    Tensor::cat(&[uncond()?, self.encode_prompt(&req.prompt)?], 0),
-                    vec![personal, personal],
-                ),
-                // [∅; c_G; c_S]: [3, 77, D]
+            let (groups, group_lora) = match guidance {
+                Guidance::None => (vec![cond], vec![personal]),
+                // [∅; c]
+                Guidance::Cfg { .. } => (vec![uncond()?, cond], vec![personal, personal]),
+                // [∅; c_G; c_S]
                 Guidance::HmCfg { .. } => {
                     let generic = req.generic_prompt.as_deref().unwrap_or_default();
-                    let rows = [
-                        uncond()?,
-                        self.encode_prompt(generic)?,
-                        self.encode_prompt(&req.prompt)?,
-                    ];
-                    (Tensor::cat(&rows, 0), vec![None, None, personal])
+                    let generic = self.encode_text(generic, None, req.clip_skip)?;
+                    let rows = vec![uncond()?, generic, cond];
+                    (rows, vec![None, None, personal])
                 }
             };
+            // Each group [1, …] → [N, …]; rows [groups·N, 77, D].
+            let groups: Vec<TextCond> = groups.iter().map(|g| g.repeat(n)).collect();
+            let text = TextCond::cat(&groups)?;
+            let rows: Vec<_> = group_lora
+                .iter()
+                .flat_map(|l| std::iter::repeat_n(*l, req.num_images))
+                .collect();
             let lora_batch = lora.is_some().then(|| LoraSet::batch(&rows));
-            let n_rows = rows.len() as i64;
+            let n_groups = group_lora.len() as i64;
+            // SDXL: every row has its pooled embeds and the same time ids ([rows, 6]).
+            let time_ids = text
+                .pooled
+                .as_ref()
+                .map(|_| self.time_ids(req, h, w).repeat([n_groups * n, 1]));
+            let unet_cond = UNetCond {
+                text: &text.hidden,
+                added: text.pooled.as_ref().zip(time_ids.as_ref()).map(
+                    |(text_embeds, time_ids)| AddedCond {
+                        text_embeds,
+                        time_ids,
+                    },
+                ),
+            };
 
             // 2. Initial latents from the seeded CPU generator (diffusers' randn_tensor).
             let f = self.vae.config().scale_factor();
-            let shape = [1, self.unet.config.in_channels, h / f, w / f];
+            let shape = [n, self.unet.config.in_channels, h / f, w / f];
             tch::manual_seed(req.seed as i64);
             let mut latents = Tensor::randn(shape, (Kind::Float, Device::Cpu))
                 .to_device(self.device)
@@ -255,19 +629,88 @@ impl StableDiffusion {
             let timesteps = scheduler.timesteps().to_vec();
             for (i, &t) in timesteps.iter().enumerate() {
                 let x = scheduler.scale_model_input(&latents, i);
-                // [1, C, h, w] → [rows, C, h, w]
-                let x = x.expand([n_rows, -1, -1, -1], false).contiguous();
+                // [N, C, h, w] → [groups·N, C, h, w] (diffusers' `cat([latents] * groups)`)
+                let x = x.repeat([n_groups, 1, 1, 1]).to_kind(self.dtype);
                 let t = Tensor::from(t as f32).to_device(self.device);
-                let eps = self.unet.forward(&x, &t, &ctx, lora_batch.as_ref())?;
-                let eps = guidance.combine(&eps);
-                latents = scheduler.step(&eps, i, &latents)?;
+                let eps = self
+                    .unet
+                    .forward_cond(&x, &t, &unet_cond, lora_batch.as_ref())?
+                    .to_kind(Kind::Float);
+                let mut guided = guidance.combine(&eps);
+                if req.guidance_rescale > 0.0 {
+                    // CFG rows are [∅; c]: rescale towards the text rows' std.
+                    guided = rescale_noise_cfg(&guided, &eps.chunk(2, 0)[1], req.guidance_rescale);
+                }
+                latents = scheduler.step(&guided, i, &latents)?;
                 progress(i + 1, timesteps.len());
             }
 
             // 4. Decode.
-            let z = latents / self.vae.config().scaling_factor;
-            let image = self.vae.decode(&z)?;
-            Ok(image.squeeze_dim(0))
+            let z = match self.family {
+                Family::Sd => latents / self.vae.config().scaling_factor,
+                Family::Sdxl { .. } => self.vae.config().unscale_latents_sdxl(&latents),
+            };
+            Ok(self
+                .vae
+                .decode(&z.to_kind(self.vae_dtype))?
+                .to_kind(Kind::Float))
         })
     }
+}
+
+/// diffusers' `rescale_noise_cfg`: `φ·ε·(std(ε_c)/std(ε)) + (1−φ)·ε`, std over all but the
+/// batch dimension (unbiased, as torch's default).
+pub fn rescale_noise_cfg(eps: &Tensor, eps_text: &Tensor, phi: f64) -> Tensor {
+    let std = |t: &Tensor| {
+        let dims: Vec<i64> = (1..t.dim() as i64).collect();
+        // [B, C, h, w] → [B, 1, 1, 1]
+        t.std_dim(dims.as_slice(), true, true)
+    };
+    let rescaled = eps * (std(eps_text) / std(eps));
+    rescaled * phi + eps * (1.0 - phi)
+}
+
+/// The UNet's cross-attention and added-embedding widths must match the text encoders':
+/// one line naming both numbers otherwise.
+fn check_text_widths(
+    unet: &UNetConfig,
+    te: &ClipTextConfig,
+    te2: Option<&ClipTextConfig>,
+) -> Result<()> {
+    let h1 = te.hidden_size;
+    let (width, what) = match te2 {
+        None => (h1, format!("text_encoder hidden_size {h1}")),
+        Some(t) => (
+            h1 + t.hidden_size,
+            format!(
+                "text_encoder + text_encoder_2 hidden sizes {h1} + {}",
+                t.hidden_size
+            ),
+        ),
+    };
+    let layout = unet.validate()?;
+    if let Some(&cross) = layout.cross_dims.iter().find(|&&d| d != width) {
+        bail!("unet config: cross_attention_dim {cross} does not match the {what} = {width}");
+    }
+    match (layout.added, te2) {
+        (Some(a), Some(t)) => {
+            if a.pooled_dim() != t.projection_dim {
+                bail!(
+                    "unet config: projection_class_embeddings_input_dim {} = 6 × addition_time_embed_dim {} + a pooled width of {}, but text_encoder_2's projection_dim is {}",
+                    a.in_dim,
+                    a.time_dim,
+                    a.pooled_dim(),
+                    t.projection_dim
+                );
+            }
+        }
+        (Some(_), None) => bail!(
+            "unet config: addition_embed_type \"text_time\" (SDXL) needs text_encoder_2/ and tokenizer_2/"
+        ),
+        (None, Some(_)) => bail!(
+            "model_index.json has text_encoder_2 (SDXL), but unet/config.json has no addition_embed_type \"text_time\""
+        ),
+        (None, None) => {}
+    }
+    Ok(())
 }

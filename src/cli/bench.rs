@@ -11,7 +11,7 @@ use clap::{Args, Subcommand};
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::lora::{LoraSet, LoraWeights};
-use crate::models::unet::{UNet2DConditionModel, UNetConfig};
+use crate::models::unet::{AddedCond, UNet2DConditionModel, UNetCond, UNetConfig};
 use crate::pipeline::Guidance;
 
 #[derive(Subcommand, Debug)]
@@ -24,7 +24,7 @@ pub enum BenchCommand {
 
 #[derive(Args, Debug)]
 pub struct UNetBenchArgs {
-    /// A UNet config.json; `sd15` or `tiny` for the built-in presets.
+    /// A UNet config.json; `sd15`, `sdxl` or `tiny` for the built-in presets.
     #[arg(long, default_value = "sd15")]
     pub config: String,
     #[arg(long, default_value_t = 1)]
@@ -54,6 +54,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
 fn random_unet(config: &str) -> Result<(UNet2DConditionModel, nn::VarStore, i64)> {
     let config = match config {
         "sd15" => UNetConfig::sd15(),
+        "sdxl" => UNetConfig::sdxl(),
         "tiny" => UNetConfig::tiny(),
         path => {
             let path = PathBuf::from(path);
@@ -74,6 +75,39 @@ fn random_unet(config: &str) -> Result<(UNet2DConditionModel, nn::VarStore, i64)
         .map(|s| s.in_features as i64)
         .context("UNet has no cross-attention")?;
     Ok((unet, vs, cross))
+}
+
+/// Random conditioning for `b` rows: text states `[b, tokens, cross]` and, for an SDXL UNet,
+/// pooled embeds and 1024² time ids.
+struct RandomCond {
+    text: Tensor,
+    added: Option<(Tensor, Tensor)>,
+}
+
+impl RandomCond {
+    fn new(unet: &UNet2DConditionModel, b: i64, tokens: i64, cross: i64) -> Self {
+        let opts = (Kind::Float, Device::Cpu);
+        Self {
+            text: Tensor::randn([b, tokens, cross], opts),
+            added: unet.added_embedding().map(|a| {
+                let ids = Tensor::from_slice(&[1024f32, 1024., 0., 0., 1024., 1024.]);
+                (
+                    Tensor::randn([b, a.pooled_dim()], opts),
+                    ids.unsqueeze(0).repeat([b, 1]),
+                )
+            }),
+        }
+    }
+
+    fn cond(&self) -> UNetCond<'_> {
+        UNetCond {
+            text: &self.text,
+            added: self.added.as_ref().map(|(p, ids)| AddedCond {
+                text_embeds: p,
+                time_ids: ids,
+            }),
+        }
+    }
 }
 
 /// Median seconds of `f` over `iters` runs after `warmup`.
@@ -109,7 +143,7 @@ fn guidance(args: UNetBenchArgs) -> Result<()> {
     let t = Tensor::from(500.0f32);
     let step = |guidance: Guidance, rows: &[Option<(&LoraSet, f64)>]| -> Result<f64> {
         let n = rows.len() as i64;
-        let ctx = Tensor::randn([n, args.tokens, cross], opts);
+        let cond = RandomCond::new(&unet, n, args.tokens, cross);
         let batch = rows
             .iter()
             .any(Option::is_some)
@@ -117,7 +151,7 @@ fn guidance(args: UNetBenchArgs) -> Result<()> {
         tch::no_grad(|| {
             median_time(args.warmup, args.iters, || {
                 let xs = x.expand([n, -1, -1, -1], false).contiguous();
-                let eps = unet.forward(&xs, &t, &ctx, batch.as_ref())?;
+                let eps = unet.forward_cond(&xs, &t, &cond.cond(), batch.as_ref())?;
                 let _ = guidance.combine(&eps).sum(Kind::Float).double_value(&[]);
                 Ok(())
             })
@@ -155,10 +189,13 @@ fn unet(args: UNetBenchArgs) -> Result<()> {
         opts,
     );
     let t = Tensor::full([args.batch], 500.0, opts);
-    let ctx = Tensor::randn([args.batch, args.tokens, cross], opts);
+    let cond = RandomCond::new(&unet, args.batch, args.tokens, cross);
     let median = if args.train {
         median_time(args.warmup, args.iters, || {
-            let loss = unet.forward(&x, &t, &ctx, None)?.square().mean(Kind::Float);
+            let loss = unet
+                .forward_cond(&x, &t, &cond.cond(), None)?
+                .square()
+                .mean(Kind::Float);
             loss.backward();
             let _ = loss.double_value(&[]);
             Ok(())
@@ -166,7 +203,7 @@ fn unet(args: UNetBenchArgs) -> Result<()> {
     } else {
         tch::no_grad(|| {
             median_time(args.warmup, args.iters, || {
-                let eps = unet.forward(&x, &t, &ctx, None)?;
+                let eps = unet.forward_cond(&x, &t, &cond.cond(), None)?;
                 let _ = eps.sum(Kind::Float).double_value(&[]);
                 Ok(())
             })
@@ -178,7 +215,16 @@ fn unet(args: UNetBenchArgs) -> Result<()> {
             "impl": "loracast", "batch": args.batch, "size": args.size, "train": args.train,
             "threads": tch::get_num_threads(), "median_s": median,
             "params": vs.variables().values().map(|v| v.numel()).sum::<usize>(),
+            "peak_rss_mb": peak_rss_mb(),
         })
     );
     Ok(())
+}
+
+/// This process's peak resident set (`VmHWM` of /proc/self/status) in MiB, if known.
+pub(crate) fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
 }

@@ -1,6 +1,6 @@
-//! `loracast generate`: text-to-image with a diffusers-format SD1.x folder, defaults as
-//! diffusers' StableDiffusionPipeline (folder's scheduler, 50 steps, guidance 7.5, size =
-//! UNet sample_size × VAE scale factor).
+//! `loracast generate`: text-to-image with a diffusers-format SD1.x or SDXL folder, defaults as
+//! diffusers' StableDiffusionPipeline / StableDiffusionXLPipeline (folder's scheduler, 50 steps,
+//! guidance 7.5 / 5.0, size = UNet sample_size × VAE scale factor).
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -11,7 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::diffusion::SchedulerKind;
 use crate::io::image::{to_rgb8, write_png};
 use crate::lora::format::{layers_per_block, read_lora};
-use crate::pipeline::{GenerateRequest, StableDiffusion};
+use crate::pipeline::{parse_dtype, GenerateRequest, LoadOptions, StableDiffusion};
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
@@ -22,9 +22,41 @@ pub struct GenerateArgs {
     pub prompt: String,
     #[arg(long)]
     pub negative_prompt: Option<String>,
-    /// Classifier-free guidance scale (diffusers' guidance_scale; ≤ 1 disables CFG).
-    #[arg(long, default_value_t = 7.5)]
-    pub guidance_scale: f64,
+    /// SDXL: the prompt for text_encoder_2 (default: --prompt).
+    #[arg(long)]
+    pub prompt_2: Option<String>,
+    /// SDXL: the negative prompt for text_encoder_2 (default: --negative-prompt).
+    #[arg(long)]
+    pub negative_prompt_2: Option<String>,
+    /// Images for the prompt (diffusers' num_images_per_prompt); N > 1 writes OUT-0.png … OUT-(N-1).png.
+    #[arg(long, default_value_t = 1)]
+    pub num_images: usize,
+    /// Weight-file variant (diffusers' variant="fp16": reads *.fp16.safetensors where present).
+    #[arg(long)]
+    pub variant: Option<String>,
+    /// Compute dtype of the text encoders, UNet and VAE: f32 (default), f16 or bf16 (diffusers'
+    /// torch_dtype; an fp16 VAE with force_upcast decodes in f32; latents stay f32).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Classifier-free guidance scale (diffusers' guidance_scale; ≤ 1 disables CFG); default 7.5
+    /// for SD1.x, 5.0 for SDXL.
+    #[arg(long, allow_hyphen_values = true)]
+    pub guidance_scale: Option<f64>,
+    /// diffusers' guidance_rescale (CFG only); default 0.
+    #[arg(long, allow_hyphen_values = true)]
+    pub guidance_rescale: Option<f64>,
+    /// Text-encoder layers to skip from the end for the prompt (diffusers' clip_skip).
+    #[arg(long)]
+    pub clip_skip: Option<usize>,
+    /// SDXL micro-conditioning H,W (default: the image size).
+    #[arg(long, value_parser = parse_pair)]
+    pub original_size: Option<(i64, i64)>,
+    /// SDXL micro-conditioning Y,X (default 0,0).
+    #[arg(long, value_parser = parse_pair)]
+    pub crops_coords_top_left: Option<(i64, i64)>,
+    /// SDXL micro-conditioning H,W (default: the image size).
+    #[arg(long, value_parser = parse_pair)]
+    pub target_size: Option<(i64, i64)>,
     #[arg(long, default_value_t = 50)]
     pub steps: usize,
     /// ddim | pndm | euler | euler-a | dpm++2m (default: the folder's own scheduler class).
@@ -59,6 +91,14 @@ pub struct GenerateArgs {
     pub kappa: Option<f64>,
 }
 
+/// `A,B` → `(A, B)` (SDXL's size and crop flags).
+fn parse_pair(s: &str) -> std::result::Result<(i64, i64), String> {
+    let bad = || format!("expected two integers A,B, got {s:?}");
+    let (a, b) = s.split_once(',').ok_or_else(bad)?;
+    let n = |x: &str| x.trim().parse::<i64>().map_err(|_| bad());
+    Ok((n(a)?, n(b)?))
+}
+
 /// Checks the LoRA/HM-CFG flags before any heavy work.
 fn check_lora_flags(args: &GenerateArgs) -> Result<()> {
     if args.lora.is_none() {
@@ -88,6 +128,19 @@ fn check_lora_flags(args: &GenerateArgs) -> Result<()> {
 pub fn run(args: GenerateArgs) -> Result<()> {
     check_lora_flags(&args)?;
     let out = super::check_output(&args.out, "png", args.force)?;
+    // N > 1: OUT-0.png … OUT-(N−1).png, each checked like --out.
+    let outs: Vec<PathBuf> = match args.num_images {
+        1 => vec![out],
+        n => {
+            let stem = out.file_stem().unwrap_or_default().to_string_lossy();
+            (0..n)
+                .map(|i| {
+                    let p = out.with_file_name(format!("{stem}-{i}.png"));
+                    super::check_output(&p, "png", args.force)
+                })
+                .collect::<Result<_>>()?
+        }
+    };
     let base = crate::toy::resolve_base(&args.base)?;
     // Read the LoRA once without the UNet weights (bad keys, NaN/Inf, truncation) before
     // loading the model; the UNet config gives the block layout of LDM-layout names.
@@ -104,7 +157,15 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let mut req = GenerateRequest {
         prompt: args.prompt,
         negative_prompt: args.negative_prompt,
-        guidance_scale: args.guidance_scale,
+        prompt_2: args.prompt_2,
+        negative_prompt_2: args.negative_prompt_2,
+        num_images: args.num_images,
+        guidance_scale: args.guidance_scale.unwrap_or(f64::NAN),
+        guidance_rescale: args.guidance_rescale.unwrap_or(0.0),
+        clip_skip: args.clip_skip,
+        original_size: args.original_size,
+        crops_coords_top_left: args.crops_coords_top_left.unwrap_or((0, 0)),
+        target_size: args.target_size,
         steps: args.steps,
         scheduler,
         seed: args.seed,
@@ -116,7 +177,14 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         ..GenerateRequest::new("")
     };
     let start = Instant::now();
-    let pipe = StableDiffusion::load(&base, device)?;
+    let opts = LoadOptions {
+        variant: args.variant.clone(),
+        dtype: parse_dtype(&args.dtype)?,
+    };
+    let pipe = StableDiffusion::load_with(&base, &opts, device)?;
+    req.guidance_scale = args
+        .guidance_scale
+        .unwrap_or_else(|| pipe.default_guidance_scale());
     if let Some(lora) = &args.lora {
         // Against this UNet's sites and block layout: errors name the key and both shapes.
         let lpb = layers_per_block(&pipe.unet.config);
@@ -137,17 +205,19 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.set_message("denoising");
-    let image = pipe.generate(&req, |i, n| {
+    let images = pipe.generate_batch(&req, |i, n| {
         bar.set_length(n as u64);
         bar.set_position(i as u64);
     })?;
     bar.finish_and_clear();
-    let (w, h, rgb) = to_rgb8(&image)?;
-    write_png(&out, w, h, &rgb)?;
-    eprintln!(
-        "wrote {} ({w}×{h}) in {:.1}s",
-        out.display(),
-        start.elapsed().as_secs_f64()
-    );
+    for (i, out) in outs.iter().enumerate() {
+        let (w, h, rgb) = to_rgb8(&images.get(i as i64))?;
+        write_png(out, w, h, &rgb)?;
+        eprintln!(
+            "wrote {} ({w}×{h}) in {:.1}s",
+            out.display(),
+            start.elapsed().as_secs_f64()
+        );
+    }
     Ok(())
 }

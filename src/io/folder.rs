@@ -3,6 +3,9 @@
 //!
 //! Finds each component's config and weights and says clearly what is missing: `.bin`-only
 //! components and fp16-variant-only components get an error naming the file and the fix.
+//! With a variant (diffusers' `from_pretrained(variant="fp16")`), a component reads
+//! `<stem>.<variant>.safetensors` (or its sharded index) and falls back to the plain files
+//! where it has no variant files, as diffusers' `variant_compatible_siblings` does.
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -15,10 +18,22 @@ pub struct DiffusersFolder {
     pub root: PathBuf,
     /// `model_index.json` as JSON.
     pub model_index: serde_json::Value,
+    /// Weight-file variant (`fp16`), or `None` for the plain files.
+    pub variant: Option<String>,
 }
 
 impl DiffusersFolder {
     pub fn open(root: &Path) -> Result<Self> {
+        Self::open_variant(root, None)
+    }
+
+    /// Opens a folder whose weights are read in the given variant where a component has it.
+    pub fn open_variant(root: &Path, variant: Option<&str>) -> Result<Self> {
+        if let Some(v) = variant {
+            if v.is_empty() || !v.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                bail!("--variant must be a name like fp16, got {v:?}");
+            }
+        }
         if !root.is_dir() {
             bail!("--base {}: no such folder", root.display());
         }
@@ -33,6 +48,7 @@ impl DiffusersFolder {
         Ok(Self {
             root: root.to_path_buf(),
             model_index,
+            variant: variant.map(str::to_string),
         })
     }
 
@@ -71,11 +87,61 @@ impl DiffusersFolder {
     /// models and `model` for transformers models.
     pub fn weights(&self, component: &str, stem: &str) -> Result<Vec<SafeTensorsFile>> {
         let dir = self.component(component)?;
-        let single = dir.join(format!("{stem}.safetensors"));
-        if single.is_file() {
-            return Ok(vec![SafeTensorsFile::open(&single)?]);
+        // (single file, sharded index) candidates: the variant's first, then the plain ones.
+        let mut candidates = Vec::new();
+        if let Some(v) = &self.variant {
+            candidates.push((
+                format!("{stem}.{v}.safetensors"),
+                format!("{stem}.safetensors.index.{v}.json"),
+            ));
         }
-        let index = dir.join(format!("{stem}.safetensors.index.json"));
+        candidates.push((
+            format!("{stem}.safetensors"),
+            format!("{stem}.safetensors.index.json"),
+        ));
+        for (single, index) in &candidates {
+            if let Some(files) = self.weights_at(&dir, single, index)? {
+                return Ok(files);
+            }
+        }
+        let listing: Vec<String> = std::fs::read_dir(&dir)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let fp16 = format!("{stem}.fp16.safetensors");
+        if listing.contains(&fp16) {
+            bail!(
+                "{component}/ has only the fp16 variant ({fp16}); loracast reads {stem}.safetensors: \
+                 pass --variant fp16 (diffusers' variant=\"fp16\"), or copy {component}/{fp16} to {component}/{stem}.safetensors"
+            );
+        }
+        if listing.iter().any(|f| f.ends_with(".bin")) {
+            bail!(
+                "{component}/ has only PyTorch pickle weights (.bin); loracast reads safetensors only: \
+                 convert with diffusers (`pipe.save_pretrained(dir, safe_serialization=True)`)"
+            );
+        }
+        bail!(
+            "{}: missing weights {component}/{stem}.safetensors",
+            self.root.display()
+        )
+    }
+
+    /// `dir/single`, or the shards listed in `dir/index`; `None` if neither exists.
+    fn weights_at(
+        &self,
+        dir: &Path,
+        single: &str,
+        index: &str,
+    ) -> Result<Option<Vec<SafeTensorsFile>>> {
+        let single = dir.join(single);
+        if single.is_file() {
+            return Ok(Some(vec![SafeTensorsFile::open(&single)?]));
+        }
+        let index = dir.join(index);
         if index.is_file() {
             let v = read_json(&index)?;
             let map = v
@@ -91,32 +157,10 @@ impl DiffusersFolder {
             return shards
                 .iter()
                 .map(|s| SafeTensorsFile::open(&dir.join(s)))
-                .collect();
+                .collect::<Result<Vec<_>>>()
+                .map(Some);
         }
-        let listing: Vec<String> = std::fs::read_dir(&dir)
-            .map(|rd| {
-                rd.filter_map(|e| e.ok())
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default();
-        let fp16 = format!("{stem}.fp16.safetensors");
-        if listing.contains(&fp16) {
-            bail!(
-                "{component}/ has only the fp16 variant ({fp16}); loracast reads {stem}.safetensors: \
-                 copy {component}/{fp16} to {component}/{stem}.safetensors (it loads fp16 weights)"
-            );
-        }
-        if listing.iter().any(|f| f.ends_with(".bin")) {
-            bail!(
-                "{component}/ has only PyTorch pickle weights (.bin); loracast reads safetensors only: \
-                 convert with diffusers (`pipe.save_pretrained(dir, safe_serialization=True)`)"
-            );
-        }
-        bail!(
-            "{}: missing weights {component}/{stem}.safetensors",
-            self.root.display()
-        )
+        Ok(None)
     }
 }
 

@@ -132,13 +132,14 @@ impl LoraDelta {
     /// `scale_b · (x_b A_bᵀ) B_bᵀ` for `x: [B, N, in]` → `[B, N, out]`.
     pub fn apply(&self, x: &Tensor) -> Tensor {
         // [B, N, in] @ [B|1, in, r] → [B, N, r] @ [B|1, r, out] → [B, N, out]
-        let h = x
-            .matmul(&self.a.transpose(-1, -2))
-            .matmul(&self.b.transpose(-1, -2));
+        // In the activations' dtype (`--dtype f16|bf16`; a no-op in f32).
+        let (a, b) = (self.a.to_kind(x.kind()), self.b.to_kind(x.kind()));
+        let h = x.matmul(&a.transpose(-1, -2)).matmul(&b.transpose(-1, -2));
         let n = x.dim();
         let mut shape = vec![-1i64];
         shape.extend(std::iter::repeat_n(1, n - 1));
-        h * self.scale.view(shape.as_slice())
+        let scale = self.scale.to_kind(h.kind());
+        h * scale.view(shape.as_slice())
     }
 }
 

@@ -1,12 +1,15 @@
 //! The CLIP text encoder, transformers 5.23's `CLIPTextModel` (`models/clip/modeling_clip.py`)
 //! as SD1.x pipelines use it: token + position embeddings, pre-LayerNorm transformer layers
 //! with causal self-attention (the sdpa path: `is_causal=True`, no padding mask, scale
-//! `head_dim^-0.5`), then `final_layer_norm`. `forward` returns `last_hidden_state`.
+//! `head_dim^-0.5`), then `final_layer_norm`. `forward` returns `last_hidden_state`;
+//! [`ClipTextModel::encode`] also taps one of `hidden_states` (SDXL's penultimate layer,
+//! `--clip-skip`) and pools at the EOS token. [`ClipTextModelWithProjection`] adds SDXL's
+//! `text_encoder_2` head: `text_embeds = text_projection(pooled)`.
 //!
 //! Variable names are the checkpoint keys of `text_encoder/model.safetensors`: under
 //! `text_model.` as in hub checkpoints ([`ClipTextModel::new`]), or unprefixed as transformers 5
 //! saves them ([`ClipTextModel::new_at`]); [`ClipTextModel::load`] picks the file's layout.
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 
@@ -46,6 +49,9 @@ fn d_bos() -> i64 {
 fn d_eos() -> i64 {
     49407
 }
+fn d_projection() -> i64 {
+    512
+}
 
 /// transformers' `CLIPTextConfig` (field names and defaults as there).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -74,6 +80,9 @@ pub struct ClipTextConfig {
     pub bos_token_id: i64,
     #[serde(default = "d_eos")]
     pub eos_token_id: i64,
+    /// `CLIPTextModelWithProjection`'s `text_projection` width.
+    #[serde(default = "d_projection")]
+    pub projection_dim: i64,
 }
 
 impl ClipTextConfig {
@@ -120,6 +129,7 @@ impl ClipTextConfig {
             ("intermediate_size", self.intermediate_size),
             ("num_attention_heads", self.num_attention_heads),
             ("max_position_embeddings", self.max_position_embeddings),
+            ("projection_dim", self.projection_dim),
         ];
         if let Some((name, v)) = sizes.iter().find(|(_, v)| *v < 1) {
             bail!("text_encoder config: {name} = {v} must be ≥ 1");
@@ -272,27 +282,70 @@ impl ClipTextModel {
     /// (transformers 5 saves; it strips the prefix on load). The variables are named as in
     /// the file. An old `embeddings.position_ids` buffer may be present and is ignored.
     pub fn load(folder: &DiffusersFolder, device: Device) -> Result<(Self, nn::VarStore)> {
-        let config = ClipTextConfig::from_json(folder.config("text_encoder", "config.json")?)?;
-        let files = folder.weights("text_encoder", "model")?;
-        let prefixed = crate::io::safetensors::tensor_names(&files)
-            .iter()
-            .any(|n| n.starts_with("text_model."));
-        let mut vs = nn::VarStore::new(device);
-        let model = match prefixed {
-            true => Self::new(vs.root(), &config)?,
-            false => Self::new_at(vs.root(), &config)?,
-        };
-        let ignore = [
-            "text_model.embeddings.position_ids",
-            "embeddings.position_ids",
-        ];
-        crate::io::safetensors::load_strict(&mut vs, &files, &ignore)?;
-        vs.freeze();
+        let (model, _, vs) = load_component(folder, "text_encoder", false, device)?;
         Ok((model, vs))
     }
 
     /// `last_hidden_state` `[B, L, hidden]` of token ids `[B, L]` (L ≤ max_position_embeddings).
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(self.run(ids, None)?.1)
+    }
+
+    /// `hidden_states[-from_end]` (transformers' `output_hidden_states=True`: index 0 is the
+    /// embedding output, index i the output of layer i, no final LayerNorm), the
+    /// `last_hidden_state` and the EOS-pooled state `[B, hidden]` of token ids `[B, L]`.
+    pub fn encode(&self, ids: &Tensor, from_end: usize) -> Result<ClipTextOutput> {
+        let n = self.layers.len() + 1;
+        if from_end < 1 || from_end > n {
+            bail!(
+                "the text encoder has {} hidden states; hidden_states[-{from_end}] does not exist (--clip-skip too large)",
+                n
+            );
+        }
+        let (tap, last) = self.run(ids, Some(n - from_end))?;
+        let pooled = self.pool(&last, ids)?;
+        Ok(ClipTextOutput {
+            hidden: tap.unwrap_or_else(|| last.shallow_clone()),
+            last_hidden_state: last,
+            pooled,
+        })
+    }
+
+    /// `final_layer_norm` (SD1.x's `--clip-skip` applies it to the tapped hidden state).
+    pub fn final_layer_norm(&self, x: &Tensor) -> Tensor {
+        use tch::nn::Module;
+        self.final_layer_norm.forward(x)
+    }
+
+    /// The state at the EOS token of each row (transformers' `pooler_output`): `argmax(ids)` for
+    /// the legacy `eos_token_id == 2` configs, else the first `eos_token_id`.
+    /// `hidden: [B, L, C]`, `ids: [B, L]` → `[B, C]`.
+    pub fn pool(&self, hidden: &Tensor, ids: &Tensor) -> Result<Tensor> {
+        let ids = ids.to_device(hidden.device()).to_kind(Kind::Int64);
+        let eos = self.config.eos_token_id;
+        let pos = match eos {
+            2 => ids.argmax(-1, false),
+            _ => {
+                let hit = ids.eq(eos).to_kind(Kind::Int);
+                if hit
+                    .sum_dim_intlist(-1, false, Kind::Int64)
+                    .min()
+                    .int64_value(&[])
+                    < 1
+                {
+                    bail!("text ids have no end-of-text token {eos}");
+                }
+                hit.argmax(-1, false)
+            }
+        };
+        let b = ids.size()[0];
+        let rows = Tensor::arange(b, (Kind::Int64, hidden.device()));
+        // [B, L, C] → [B, C]
+        Ok(hidden.index(&[Some(rows), Some(pos)]))
+    }
+
+    /// Runs the layers; returns `hidden_states[tap]` if asked and `last_hidden_state`.
+    fn run(&self, ids: &Tensor, tap: Option<usize>) -> Result<(Option<Tensor>, Tensor)> {
         let (b, l) = match ids.size()[..] {
             [b, l] => (b, l),
             ref s => bail!("text encoder input must be [B, L] token ids, got shape {s:?}"),
@@ -326,12 +379,120 @@ impl ClipTextModel {
         let mut x = Tensor::embedding(&self.token_embedding, &ids, -1, false, false)
             + Tensor::embedding(&self.position_embedding, &positions, -1, false, false);
         let c = self.config.hidden_size;
-        for layer in &self.layers {
+        let mut tapped = None;
+        for (i, layer) in self.layers.iter().enumerate() {
+            if tap == Some(i) {
+                tapped = Some(x.shallow_clone());
+            }
             x = layer.forward(&x, b, l, c);
         }
-        use tch::nn::Module;
-        Ok(self.final_layer_norm.forward(&x))
+        if tap == Some(self.layers.len()) {
+            tapped = Some(x.shallow_clone());
+        }
+        Ok((tapped, self.final_layer_norm(&x)))
     }
+}
+
+/// [`ClipTextModel::encode`]'s result.
+#[derive(Debug)]
+pub struct ClipTextOutput {
+    /// The tapped `hidden_states[-from_end]` `[B, L, C]`.
+    pub hidden: Tensor,
+    /// `[B, L, C]`, after `final_layer_norm`.
+    pub last_hidden_state: Tensor,
+    /// `last_hidden_state` at the EOS token `[B, C]`.
+    pub pooled: Tensor,
+}
+
+/// transformers' `CLIPTextModelWithProjection` (SDXL's `text_encoder_2`): the text model and a
+/// bias-free `text_projection` `[projection_dim, hidden]` of the pooled state (`text_embeds`).
+#[derive(Debug)]
+pub struct ClipTextModelWithProjection {
+    pub text_model: ClipTextModel,
+    text_projection: Linear,
+}
+
+impl ClipTextModelWithProjection {
+    /// Under `vs`: `text_model.…` (or unprefixed, `prefixed = false`) and `text_projection`.
+    pub fn new(vs: nn::Path, cfg: &ClipTextConfig, prefixed: bool) -> Result<Self> {
+        let text_model = match prefixed {
+            true => ClipTextModel::new(vs.clone(), cfg)?,
+            false => ClipTextModel::new_at(vs.clone(), cfg)?,
+        };
+        let _rng = crate::util::rng_lock();
+        Ok(Self {
+            text_model,
+            text_projection: Linear::new(
+                &vs / "text_projection",
+                cfg.hidden_size,
+                cfg.projection_dim,
+                false,
+            ),
+        })
+    }
+
+    /// Reads `<component>/config.json` and `<component>/model.safetensors` strictly.
+    pub fn load(
+        folder: &DiffusersFolder,
+        component: &str,
+        device: Device,
+    ) -> Result<(Self, nn::VarStore)> {
+        let (text_model, projection, vs) = load_component(folder, component, true, device)?;
+        let text_projection = projection.context("internal error: no text_projection built")?;
+        Ok((
+            Self {
+                text_model,
+                text_projection,
+            },
+            vs,
+        ))
+    }
+
+    /// [`ClipTextModel::encode`] with `pooled` replaced by `text_embeds`
+    /// `[B, projection_dim]`.
+    pub fn encode(&self, ids: &Tensor, from_end: usize) -> Result<ClipTextOutput> {
+        let out = self.text_model.encode(ids, from_end)?;
+        Ok(ClipTextOutput {
+            pooled: self.text_projection.forward(&out.pooled),
+            ..out
+        })
+    }
+}
+
+/// Loads a CLIP text encoder component in either key layout (`text_model.…` as hub
+/// checkpoints and transformers 4 save it, or unprefixed as transformers 5 saves
+/// `CLIPTextModel`), with `text_projection` when `projection` is set. An old
+/// `embeddings.position_ids` buffer may be present and is ignored.
+fn load_component(
+    folder: &DiffusersFolder,
+    component: &str,
+    projection: bool,
+    device: Device,
+) -> Result<(ClipTextModel, Option<Linear>, nn::VarStore)> {
+    let config = ClipTextConfig::from_json(folder.config(component, "config.json")?)
+        .map_err(|e| anyhow::anyhow!("{component}: {e:#}"))?;
+    let files = folder.weights(component, "model")?;
+    let prefixed = crate::io::safetensors::tensor_names(&files)
+        .iter()
+        .any(|n| n.starts_with("text_model."));
+    let mut vs = nn::VarStore::new(device);
+    let (model, proj) = if projection {
+        let m = ClipTextModelWithProjection::new(vs.root(), &config, prefixed)?;
+        (m.text_model, Some(m.text_projection))
+    } else {
+        let m = match prefixed {
+            true => ClipTextModel::new(vs.root(), &config)?,
+            false => ClipTextModel::new_at(vs.root(), &config)?,
+        };
+        (m, None)
+    };
+    let ignore = [
+        "text_model.embeddings.position_ids",
+        "embeddings.position_ids",
+    ];
+    crate::io::safetensors::load_strict(&mut vs, &files, &ignore)?;
+    vs.freeze();
+    Ok((model, proj, vs))
 }
 
 #[cfg(test)]

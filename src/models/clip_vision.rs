@@ -11,7 +11,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use tch::{nn, nn::Module, Device, Kind, Tensor};
+use tch::{nn, nn::Module, Device, Tensor};
 
 use super::clip_text::{ClipTextConfig, ClipTextModel};
 use super::vit::self_attention;
@@ -403,27 +403,7 @@ impl ClipModel {
     /// the first `eos_token_id`), projected.
     pub fn text_embeds(&self, ids: &Tensor) -> Result<Tensor> {
         let hidden = self.text_model.forward(ids)?;
-        let ids = ids.to_device(hidden.device()).to_kind(Kind::Int64);
-        let eos = self.config.text_config.eos_token_id;
-        let pos = match eos {
-            2 => ids.argmax(-1, false),
-            _ => {
-                let hit = ids.eq(eos).to_kind(Kind::Int);
-                if hit
-                    .sum_dim_intlist(-1, false, Kind::Int64)
-                    .min()
-                    .int64_value(&[])
-                    < 1
-                {
-                    bail!("text ids have no end-of-text token {eos}");
-                }
-                hit.argmax(-1, false)
-            }
-        };
-        let b = ids.size()[0];
-        let rows = Tensor::arange(b, (Kind::Int64, hidden.device()));
-        // [B, L, C] → [B, C]
-        let pooled = hidden.index(&[Some(rows), Some(pos)]);
+        let pooled = self.text_model.pool(&hidden, ids)?;
         Ok(self.text_projection.forward(&pooled))
     }
 }

@@ -43,6 +43,10 @@ pub struct VaeConfig {
     pub shift_factor: Option<f64>,
     pub mid_block_add_attention: bool,
     pub force_upcast: bool,
+    /// Per-channel latent statistics (some SDXL-family VAEs): SDXL's pipeline decodes
+    /// `latents · std / scaling_factor + mean` when both are set.
+    pub latents_mean: Option<Vec<f64>>,
+    pub latents_std: Option<Vec<f64>>,
     pub use_quant_conv: bool,
     pub use_post_quant_conv: bool,
 }
@@ -64,6 +68,8 @@ impl Default for VaeConfig {
             shift_factor: None,
             mid_block_add_attention: true,
             force_upcast: true,
+            latents_mean: None,
+            latents_std: None,
             use_quant_conv: true,
             use_post_quant_conv: true,
         }
@@ -131,7 +137,39 @@ impl VaeConfig {
             self.layers_per_block >= 1,
             "vae/config.json: layers_per_block must be ≥ 1"
         );
+        for (what, v) in [
+            ("latents_mean", &self.latents_mean),
+            ("latents_std", &self.latents_std),
+        ] {
+            if let Some(v) = v {
+                ensure!(
+                    v.len() as i64 == self.latent_channels,
+                    "vae/config.json: {what} has {} entries for {} latent channels",
+                    v.len(),
+                    self.latent_channels
+                );
+            }
+        }
         Ok(())
+    }
+
+    /// SDXL's pipeline latents → decoder input: `z · std / scaling_factor + mean` when both
+    /// `latents_mean` and `latents_std` are set (as float32 tensors, like diffusers'
+    /// `torch.tensor(config.latents_mean)`), else `z / scaling_factor`.
+    pub fn unscale_latents_sdxl(&self, z: &Tensor) -> Tensor {
+        match (&self.latents_mean, &self.latents_std) {
+            (Some(mean), Some(std)) => {
+                let c = |v: &Vec<f64>| {
+                    let v: Vec<f32> = v.iter().map(|&x| x as f32).collect();
+                    // [C] → [1, C, 1, 1]
+                    Tensor::from_slice(&v)
+                        .view([1, -1, 1, 1])
+                        .to_device(z.device())
+                };
+                z * c(std) / self.scaling_factor + c(mean)
+            }
+            _ => z / self.scaling_factor,
+        }
     }
 }
 

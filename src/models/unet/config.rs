@@ -1,5 +1,6 @@
 //! `UNet2DConditionModel`'s config.json (diffusers `models/unets/unet_2d_condition.py`) for the
-//! SD1.x/SD2.x family, with presets. Options outside that family are rejected by
+//! SD1.x/SD2.x family and SDXL (`addition_embed_type: "text_time"`, per-level
+//! `transformer_layers_per_block`), with presets. Options outside these families are rejected by
 //! [`UNetConfig::validate`] with a line naming the option.
 //!
 //! Quirk (SPEC §5): in SD1.x configs `attention_head_dim` is the **number of heads**
@@ -7,6 +8,7 @@
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::lora::{BlockLoc, LoraSite, Proj, TransformerSite};
 use crate::nn::Activation;
 
 /// A value that configs give either once for all blocks or per block.
@@ -165,8 +167,15 @@ pub struct UNetConfig {
     // Options of other UNet families; any non-null value is rejected by `validate`.
     #[serde(default)]
     pub class_embed_type: Option<String>,
+    /// `"text_time"` (SDXL: pooled text embeds + time ids, see [`AddedEmbedding`]) or null.
     #[serde(default)]
     pub addition_embed_type: Option<String>,
+    /// SDXL: width of each sinusoidal time-id embedding (256 in the hub model).
+    #[serde(default)]
+    pub addition_time_embed_dim: Option<i64>,
+    /// SDXL: input width of `add_embedding` = pooled text width + 6 · addition_time_embed_dim.
+    #[serde(default)]
+    pub projection_class_embeddings_input_dim: Option<i64>,
     #[serde(default)]
     pub num_class_embeds: Option<i64>,
     #[serde(default)]
@@ -194,6 +203,26 @@ pub struct UNetLayout {
     pub transformer_layers: Vec<i64>,
     pub groups: i64,
     pub act: Activation,
+    /// SDXL's added conditioning (`addition_embed_type: "text_time"`), if any.
+    pub added: Option<AddedEmbedding>,
+}
+
+/// SDXL's "text_time" added conditioning: `add_embedding(cat[pooled, Timesteps(time_dim)(ids)])`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AddedEmbedding {
+    /// `addition_time_embed_dim`.
+    pub time_dim: i64,
+    /// Number of time ids (6: original size, crop top-left, target size).
+    pub num_time_ids: i64,
+    /// `projection_class_embeddings_input_dim`.
+    pub in_dim: i64,
+}
+
+impl AddedEmbedding {
+    /// Width of the pooled text embedding the UNet expects (`in_dim − num_time_ids · time_dim`).
+    pub fn pooled_dim(&self) -> i64 {
+        self.in_dim - self.num_time_ids * self.time_dim
+    }
 }
 
 impl UNetConfig {
@@ -215,6 +244,53 @@ impl UNetConfig {
             attention_head_dim: PerBlock::Each(vec![5, 10, 20, 20]),
             use_linear_projection: true,
             upcast_attention: true,
+            ..Self::base()
+        }
+    }
+
+    /// Stable Diffusion XL 1.0's UNet (stabilityai/stable-diffusion-xl-base-1.0 `unet/config.json`):
+    /// three levels (no attention at the first), 1/2/10 transformer layers, 5/10/20 heads,
+    /// 2048-wide text states, "text_time" added conditioning (256-wide time ids, 2816 inputs).
+    pub fn sdxl() -> Self {
+        Self {
+            sample_size: 128,
+            block_out_channels: vec![320, 640, 1280],
+            down_block_types: vec![
+                "DownBlock2D".into(),
+                "CrossAttnDownBlock2D".into(),
+                "CrossAttnDownBlock2D".into(),
+            ],
+            up_block_types: vec![
+                "CrossAttnUpBlock2D".into(),
+                "CrossAttnUpBlock2D".into(),
+                "UpBlock2D".into(),
+            ],
+            transformer_layers_per_block: PerBlock::Each(vec![1, 2, 10]),
+            attention_head_dim: PerBlock::Each(vec![5, 10, 20]),
+            cross_attention_dim: PerBlock::One(2048),
+            use_linear_projection: true,
+            addition_embed_type: Some("text_time".into()),
+            addition_time_embed_dim: Some(256),
+            projection_class_embeddings_input_dim: Some(2816),
+            ..Self::base()
+        }
+    }
+
+    /// A tiny SDXL-shaped UNet for tests (diffusers' SDXL pipeline test dummy components).
+    pub fn tiny_sdxl() -> Self {
+        Self {
+            sample_size: 32,
+            block_out_channels: vec![32, 64],
+            down_block_types: vec!["DownBlock2D".into(), "CrossAttnDownBlock2D".into()],
+            up_block_types: vec!["CrossAttnUpBlock2D".into(), "UpBlock2D".into()],
+            transformer_layers_per_block: PerBlock::Each(vec![1, 2]),
+            attention_head_dim: PerBlock::Each(vec![2, 4]),
+            cross_attention_dim: PerBlock::One(64),
+            use_linear_projection: true,
+            addition_embed_type: Some("text_time".into()),
+            addition_time_embed_dim: Some(8),
+            projection_class_embeddings_input_dim: Some(80),
+            norm_num_groups: Some(16),
             ..Self::base()
         }
     }
@@ -275,7 +351,12 @@ impl UNetConfig {
         }
         let unsupported = [
             ("class_embed_type", self.class_embed_type.is_some()),
-            ("addition_embed_type", self.addition_embed_type.is_some()),
+            (
+                "addition_embed_type",
+                self.addition_embed_type
+                    .as_deref()
+                    .is_some_and(|t| t != "text_time"),
+            ),
             ("num_class_embeds", self.num_class_embeds.is_some()),
             ("encoder_hid_dim", self.encoder_hid_dim.is_some()),
             ("time_cond_proj_dim", self.time_cond_proj_dim.is_some()),
@@ -308,7 +389,7 @@ impl UNetConfig {
             ("conv_out_kernel", self.conv_out_kernel != 3),
         ];
         if let Some((name, _)) = unsupported.iter().find(|(_, bad)| *bad) {
-            bail!("unet config: {name} is not supported (SD1.x/SD2.x UNets only)");
+            bail!("unet config: {name} is not supported (SD1.x/SD2.x/SDXL UNets only)");
         }
         if self
             .only_cross_attention
@@ -331,6 +412,7 @@ impl UNetConfig {
             groups: self.norm_num_groups.unwrap_or(32),
             act: Activation::parse(&self.act_fn)?,
             heads,
+            added: self.added_embedding()?,
         };
         for (i, &c) in self.block_out_channels.iter().enumerate() {
             if c <= 0 || c % layout.groups != 0 {
@@ -351,5 +433,76 @@ impl UNetConfig {
             bail!("unet config: layers_per_block and transformer_layers_per_block must be ≥ 1");
         }
         Ok(layout)
+    }
+
+    /// Every LoRA site (attn2 to_q/to_k/to_v) of the UNet this config builds, in module order
+    /// (down blocks, mid, up blocks), without building it: the real SDXL config counts its
+    /// sites and LoRA sizes with no weights allocated. [`super::UNet2DConditionModel`] builds the
+    /// same list from its modules.
+    pub fn lora_sites(&self) -> Result<Vec<LoraSite>> {
+        let layout = self.validate()?;
+        let ch = &self.block_out_channels;
+        let n = ch.len();
+        let mut sites = Vec::new();
+        let mut push = |loc: BlockLoc, attentions: i64, level: usize| {
+            let (dim, cross) = (ch[level], layout.cross_dims[level]);
+            for attention in 0..attentions as usize {
+                for block in 0..layout.transformer_layers[level] as usize {
+                    for proj in Proj::ALL {
+                        sites.push(LoraSite {
+                            transformer: TransformerSite {
+                                loc,
+                                attention,
+                                block,
+                            },
+                            proj,
+                            in_features: if proj == Proj::Q { dim } else { cross } as usize,
+                            out_features: dim as usize,
+                        });
+                    }
+                }
+            }
+        };
+        for (i, kind) in self.down_block_types.iter().enumerate() {
+            if kind == "CrossAttnDownBlock2D" {
+                push(BlockLoc::Down(i), layout.layers[i], i);
+            }
+        }
+        push(BlockLoc::Mid, 1, n - 1);
+        for (i, kind) in self.up_block_types.iter().enumerate() {
+            let r = n - 1 - i;
+            if kind == "CrossAttnUpBlock2D" {
+                push(BlockLoc::Up(i), layout.layers[r] + 1, r);
+            }
+        }
+        Ok(sites)
+    }
+
+    /// SDXL's added conditioning, checked: both sizes present and leaving a pooled width ≥ 1.
+    fn added_embedding(&self) -> Result<Option<AddedEmbedding>> {
+        if self.addition_embed_type.as_deref() != Some("text_time") {
+            return Ok(None);
+        }
+        let (Some(time_dim), Some(in_dim)) = (
+            self.addition_time_embed_dim,
+            self.projection_class_embeddings_input_dim,
+        ) else {
+            bail!("unet config: addition_embed_type \"text_time\" needs addition_time_embed_dim and projection_class_embeddings_input_dim");
+        };
+        if time_dim < 2 {
+            bail!("unet config: addition_time_embed_dim must be ≥ 2, got {time_dim}");
+        }
+        let added = AddedEmbedding {
+            time_dim,
+            num_time_ids: 6,
+            in_dim,
+        };
+        if added.pooled_dim() < 1 {
+            bail!(
+                "unet config: projection_class_embeddings_input_dim {in_dim} leaves no room for the pooled text embedding (6 time ids × addition_time_embed_dim {time_dim} = {})",
+                6 * time_dim
+            );
+        }
+        Ok(Some(added))
     }
 }

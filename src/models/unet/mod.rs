@@ -1,14 +1,15 @@
-//! `UNet2DConditionModel` for the SD1.x/SD2.x family (diffusers
+//! `UNet2DConditionModel` for the SD1.x/SD2.x family and SDXL (diffusers
 //! `models/unets/unet_2d_condition.py`), with per-sample timesteps and per-sample LoRA on the
 //! cross-attention projections (the paper's LoRA sites, SPEC §2).
 //!
-//! ε = UNet(x_t, t, c): `time_proj → time_embedding`, `conv_in`, down blocks (collecting
-//! skips), mid block, up blocks (consuming skips), `conv_norm_out → act → conv_out`.
+//! ε = UNet(x_t, t, c): `time_proj → time_embedding` (+ SDXL's `get_aug_embed`:
+//! `add_embedding(cat[text_embeds, add_time_proj(time_ids)])`), `conv_in`, down blocks
+//! (collecting skips), mid block, up blocks (consuming skips), `conv_norm_out → act → conv_out`.
 mod blocks;
 mod config;
 mod transformer;
 
-pub use config::{PerBlock, UNetConfig, UNetLayout};
+pub use config::{AddedEmbedding, PerBlock, UNetConfig, UNetLayout};
 
 use anyhow::{bail, Result};
 use tch::{nn, nn::Module, Kind, Tensor};
@@ -19,12 +20,39 @@ use crate::nn::{conv2d, group_norm, Activation, Linear, ResnetConfig};
 use blocks::{BlockSpec, DownBlock, MidBlock, UpBlock};
 use transformer::{Transformer2DModel, TransformerConfig};
 
+/// What the UNet is conditioned on besides `x_t` and `t`, one row per sample.
+#[derive(Debug, Clone, Copy)]
+pub struct UNetCond<'a> {
+    /// Cross-attention states `[B, M, cross_attention_dim]` (CLIP hidden states).
+    pub text: &'a Tensor,
+    /// SDXL's added conditioning (`added_cond_kwargs`), for UNets with `addition_embed_type`.
+    pub added: Option<AddedCond<'a>>,
+}
+
+/// diffusers' `added_cond_kwargs = {"text_embeds", "time_ids"}`.
+#[derive(Debug, Clone, Copy)]
+pub struct AddedCond<'a> {
+    /// Pooled, projected text embedding `[B, P]` (text_encoder_2's `text_embeds`).
+    pub text_embeds: &'a Tensor,
+    /// `[B, 6]`: original size (h, w), crop top-left (y, x), target size (h, w).
+    pub time_ids: &'a Tensor,
+}
+
+impl<'a> UNetCond<'a> {
+    /// Text states only (SD1.x/SD2.x).
+    pub fn text(text: &'a Tensor) -> Self {
+        Self { text, added: None }
+    }
+}
+
 #[derive(Debug)]
 pub struct UNet2DConditionModel {
     pub config: UNetConfig,
     conv_in: nn::Conv2D,
     time_linear_1: Linear,
     time_linear_2: Linear,
+    /// SDXL: `add_embedding.linear_1/linear_2` (a `TimestepEmbedding`, SiLU) and its layout.
+    add_embedding: Option<(Linear, Linear, AddedEmbedding)>,
     down_blocks: Vec<DownBlock>,
     mid_block: MidBlock,
     up_blocks: Vec<UpBlock>,
@@ -123,6 +151,14 @@ impl UNet2DConditionModel {
                 temb_dim,
                 true,
             ),
+            add_embedding: layout.added.map(|a| {
+                let p = &vs / "add_embedding";
+                (
+                    Linear::new(&p / "linear_1", a.in_dim, temb_dim, true),
+                    Linear::new(&p / "linear_2", temb_dim, temb_dim, true),
+                    a,
+                )
+            }),
             down_blocks,
             mid_block,
             up_blocks,
@@ -197,9 +233,12 @@ impl UNet2DConditionModel {
         (self.config.block_out_channels.len() - 1) as u32
     }
 
-    /// ε (or v) prediction. `x: [B, in_channels, H, W]`, `t: [B]` or a scalar (any float or
-    /// integer kind; per-sample values allowed), `ctx: [B, M, cross_attention_dim]`,
-    /// `lora`: per-sample deltas for the attn2 sites.
+    /// SDXL's added conditioning, if this UNet takes it.
+    pub fn added_embedding(&self) -> Option<AddedEmbedding> {
+        self.add_embedding.as_ref().map(|(_, _, a)| *a)
+    }
+
+    /// [`Self::forward_cond`] with text states only (SD1.x/SD2.x UNets).
     pub fn forward(
         &self,
         x: &Tensor,
@@ -207,6 +246,21 @@ impl UNet2DConditionModel {
         ctx: &Tensor,
         lora: Option<&LoraBatch>,
     ) -> Result<Tensor> {
+        self.forward_cond(x, t, &UNetCond::text(ctx), lora)
+    }
+
+    /// ε (or v) prediction. `x: [B, in_channels, H, W]`, `t: [B]` or a scalar (any float or
+    /// integer kind; per-sample values allowed), `cond.text: [B, M, cross_attention_dim]`,
+    /// `cond.added`: SDXL's per-row pooled text embeds and time ids, `lora`: per-sample deltas
+    /// for the attn2 sites.
+    pub fn forward_cond(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        cond: &UNetCond<'_>,
+        lora: Option<&LoraBatch>,
+    ) -> Result<Tensor> {
+        let ctx = cond.text;
         let size = x.size();
         if size.len() != 4 || size[1] != self.config.in_channels {
             bail!(
@@ -228,11 +282,42 @@ impl UNet2DConditionModel {
             lora.validate(&self.sites, b)?;
         }
 
-        // 1. Time embedding.
-        let temb = self.time_proj(&t);
+        // 1. Time embedding (+ SDXL's added conditioning).
+        let c0 = self.config.block_out_channels[0];
+        // diffusers: `t_emb.to(dtype=sample.dtype)` (float32 sinusoids, model-dtype MLP).
+        let temb = self.time_proj(&t, c0).to_kind(x.kind());
         let temb = self
             .time_linear_2
             .forward(&self.act.apply(&self.time_linear_1.forward(&temb)));
+        let temb = match (&self.add_embedding, cond.added) {
+            (None, None) => temb,
+            (Some((l1, l2, a)), Some(added)) => {
+                let (pooled, ids) = (added.text_embeds, added.time_ids);
+                if pooled.size() != [b, a.pooled_dim()] || ids.size() != [b, a.num_time_ids] {
+                    bail!(
+                        "UNet added conditioning must be text_embeds [{b}, {}] and time_ids [{b}, {}], got {:?} and {:?}",
+                        a.pooled_dim(),
+                        a.num_time_ids,
+                        pooled.size(),
+                        ids.size()
+                    );
+                }
+                // [B, 6] → [B·6] → [B·6, time_dim] → [B, 6·time_dim]
+                let te = self
+                    .time_proj(&ids.flatten(0, -1), a.time_dim)
+                    .reshape([b, a.num_time_ids * a.time_dim]);
+                // pooled first: [B, P] ++ [B, 6·time_dim] → [B, in_dim]
+                let add = Tensor::cat(&[pooled.to_kind(te.kind()), te], -1).to_kind(temb.kind());
+                let aug = l2.forward(&l1.forward(&add).silu());
+                temb + aug
+            }
+            (Some(_), None) => bail!(
+                "this UNet (addition_embed_type \"text_time\", SDXL) needs added conditioning: pooled text embeds and time ids"
+            ),
+            (None, Some(_)) => {
+                bail!("this UNet takes no added conditioning (it has no addition_embed_type)")
+            }
+        };
 
         // 2. Down path, collecting skips.
         let mut h = self.conv_in.forward(x);
@@ -273,9 +358,9 @@ impl UNet2DConditionModel {
             .map(|s| s.in_features as i64)
     }
 
-    /// diffusers' `get_timestep_embedding` with the config's flip/shift: `[B]` → `[B, C0]`.
-    fn time_proj(&self, t: &Tensor) -> Tensor {
-        let dim = self.config.block_out_channels[0];
+    /// diffusers' `get_timestep_embedding` (float32) with the config's flip/shift:
+    /// `[N]` → `[N, dim]`.
+    fn time_proj(&self, t: &Tensor, dim: i64) -> Tensor {
         let half = dim / 2;
         let opts = (Kind::Float, t.device());
         let exponent = Tensor::arange(half, opts) * (-(10000f64).ln());
@@ -293,5 +378,85 @@ impl UNet2DConditionModel {
         } else {
             emb
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    fn lora_weights(sites: &[LoraSite], rank: usize) -> usize {
+        sites
+            .iter()
+            .map(|s| rank * (s.in_features + s.out_features))
+            .sum()
+    }
+
+    #[test]
+    fn config_sites_are_the_module_sites() {
+        for cfg in [UNetConfig::tiny(), UNetConfig::tiny_sdxl()] {
+            let vs = nn::VarStore::new(Device::Cpu);
+            let unet = UNet2DConditionModel::new(vs.root(), &cfg).unwrap();
+            assert_eq!(cfg.lora_sites().unwrap(), unet.lora_sites());
+        }
+    }
+
+    #[test]
+    fn real_configs_count_the_papers_lora_sizes() {
+        // SPEC §2 / seed paper: rank 3 on SD1.5's 16 attn2 = 223,488; rank 2 on SDXL's 70 attn2
+        // = 1,239,040 (sdxl-ipadapter-facts §4, measured with diffusers on the meta device).
+        let sd15 = UNetConfig::sd15().lora_sites().unwrap();
+        assert_eq!((sd15.len() / 3, lora_weights(&sd15, 3)), (16, 223_488));
+        let sdxl = UNetConfig::sdxl().lora_sites().unwrap();
+        assert_eq!((sdxl.len() / 3, lora_weights(&sdxl, 2)), (70, 1_239_040));
+    }
+
+    #[test]
+    fn sdxl_unet_takes_added_conditioning() {
+        let cfg = UNetConfig::tiny_sdxl();
+        let vs = nn::VarStore::new(Device::Cpu);
+        let unet = UNet2DConditionModel::new(vs.root(), &cfg).unwrap();
+        let a = unet.added_embedding().unwrap();
+        assert_eq!((a.time_dim, a.pooled_dim()), (8, 32));
+        assert!(vs.variables().contains_key("add_embedding.linear_1.weight"));
+        let x = Tensor::randn([2, 4, 8, 8], (Kind::Float, Device::Cpu));
+        let t = Tensor::from_slice(&[10i64, 500]);
+        let ctx = Tensor::randn([2, 7, 64], (Kind::Float, Device::Cpu));
+        let pooled = Tensor::randn([2, 32], (Kind::Float, Device::Cpu));
+        let ids = Tensor::from_slice(&[64f32, 64., 0., 0., 64., 64.]).repeat([2, 1]);
+        let added = AddedCond {
+            text_embeds: &pooled,
+            time_ids: &ids,
+        };
+        let cond = UNetCond {
+            text: &ctx,
+            added: Some(added),
+        };
+        let eps = tch::no_grad(|| unet.forward_cond(&x, &t, &cond, None)).unwrap();
+        assert_eq!(eps.size(), [2, 4, 8, 8]);
+        // The time ids change ε (they reach every resnet through the time embedding).
+        let ids2 = Tensor::from_slice(&[32f32, 64., 0., 0., 64., 64.]).repeat([2, 1]);
+        let cond2 = UNetCond {
+            added: Some(AddedCond {
+                time_ids: &ids2,
+                ..added
+            }),
+            ..cond
+        };
+        let eps2 = tch::no_grad(|| unet.forward_cond(&x, &t, &cond2, None)).unwrap();
+        assert!((eps - eps2).abs().max().double_value(&[]) > 0.0);
+        // Missing or mis-shaped added conditioning is an error, not a crash.
+        let e = unet.forward(&x, &t, &ctx, None).unwrap_err().to_string();
+        assert!(e.contains("added conditioning"), "{e}");
+        let bad = Tensor::randn([2, 31], (Kind::Float, Device::Cpu));
+        let cond3 = UNetCond {
+            added: Some(AddedCond {
+                text_embeds: &bad,
+                ..added
+            }),
+            ..cond
+        };
+        assert!(unet.forward_cond(&x, &t, &cond3, None).is_err());
     }
 }
