@@ -1,5 +1,6 @@
 //! Parity of the real-model metrics (CLIP-I, CLIP-T, DINO) with transformers 5.23 and PIL on
-//! the tiny fixture models (references from scripts/fixtures/metrics.py), and their errors.
+//! the tiny fixture models (references from scripts/fixtures/metrics.py), on PNG and JPEG
+//! inputs, and their errors.
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -125,6 +126,14 @@ fn cases() -> Vec<serde_json::Value> {
 fn scores_match_transformers() {
     let clip = ClipScorer::load(&dir("clip"), Device::Cpu).unwrap();
     let dino = DinoScorer::load(&dir("dino"), Device::Cpu).unwrap();
+    // JPEG inputs (baseline 4:2:0, progressive 4:2:2, grey, CMYK) as transformers + PIL read
+    // them: equal pixels, so the same tolerance as PNG (a decoder a few levels off, such as
+    // zune-jpeg, moves DINO by 2e-4 here).
+    let jpeg = cases()
+        .iter()
+        .filter(|c| c.to_string().contains(".jpg\""))
+        .count();
+    assert!(jpeg >= 3, "JPEG cases in metrics_scores.json: {jpeg}");
     for c in cases() {
         let open = |k: &str| RgbImage::open(&dir("images").join(c[k].as_str().unwrap())).unwrap();
         let s = score(
@@ -137,6 +146,12 @@ fn scores_match_transformers() {
         .unwrap();
         for (k, ours) in [("clip_i", s.clip_i), ("clip_t", s.clip_t), ("dino", s.dino)] {
             let theirs = c[k].as_f64().unwrap();
+            eprintln!(
+                "{} vs {} {k}: |ours - transformers| = {:.2e}",
+                c["reference"],
+                c["image"],
+                (ours - theirs).abs()
+            );
             assert!(
                 (ours - theirs).abs() <= 1e-4,
                 "{k}: {ours} vs {theirs} ({c})"
@@ -164,30 +179,39 @@ fn p(path: &Path) -> String {
 
 #[test]
 fn cli_score_prints_json() {
-    let c = &cases()[0];
-    let img = |k: &str| p(&dir("images").join(c[k].as_str().unwrap()));
+    let all = cases();
     let (clip, dino) = (p(&dir("clip")), p(&dir("dino")));
-    let (code, out, err) = loracast(&[
-        "score",
-        "--clip",
-        &clip,
-        "--dino",
-        &dino,
-        "--reference",
-        &img("reference"),
-        "--image",
-        &img("image"),
-        "--prompt",
-        c["prompt"].as_str().unwrap(),
-    ]);
-    assert_eq!(code, 0, "{err}");
-    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
-    for k in ["clip_i", "clip_t", "dino"] {
-        assert!(
-            (v[k].as_f64().unwrap() - c[k].as_f64().unwrap()).abs() <= 1e-4,
-            "{k}"
-        );
+    // A PNG case and a JPEG one (PIL-read reference).
+    let first_jpeg = all
+        .iter()
+        .find(|c| c["reference"].as_str().unwrap().ends_with(".jpg"))
+        .unwrap();
+    for c in [&all[0], first_jpeg] {
+        let img = |k: &str| p(&dir("images").join(c[k].as_str().unwrap()));
+        let (code, out, err) = loracast(&[
+            "score",
+            "--clip",
+            &clip,
+            "--dino",
+            &dino,
+            "--reference",
+            &img("reference"),
+            "--image",
+            &img("image"),
+            "--prompt",
+            c["prompt"].as_str().unwrap(),
+        ]);
+        assert_eq!(code, 0, "{err}");
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        for k in ["clip_i", "clip_t", "dino"] {
+            assert!(
+                (v[k].as_f64().unwrap() - c[k].as_f64().unwrap()).abs() <= 1e-4,
+                "{k} ({c})"
+            );
+        }
     }
+    let c = &all[0];
+    let img = |k: &str| p(&dir("images").join(c[k].as_str().unwrap()));
     // score-bench over a DreamBench-style layout.
     let data = tempfile::tempdir().unwrap();
     let s = data.path().join("dog");

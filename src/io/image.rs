@@ -1,6 +1,8 @@
 //! Images in and out. Output: diffusers' `numpy_to_pil` — `(x/2+0.5).clamp(0,1)`,
 //! `round(x·255)` → u8. Input: images as users have them (PNG 8/16-bit, grey, RGBA, JPEG incl.
-//! CMYK, EXIF orientation applied), with size limits checked before decoding.
+//! grey and CMYK, EXIF orientation applied), with size limits checked before decoding. JPEG is
+//! decoded by libjpeg-turbo configured as Pillow uses it ([`crate::io::jpeg`]), so its pixels
+//! are the reference's bit for bit; PNG by the `png` crate through `image`.
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -84,10 +86,39 @@ pub fn read_rgb8(path: &Path) -> Result<(u32, u32, Vec<u8>)> {
     if bytes.is_empty() {
         bail!("image {shown}: the file is empty");
     }
+    let too_large = |w: u32, h: u32| {
+        anyhow::anyhow!("image {shown}: declares {w}×{h} pixels, more than loracast decodes ({MAX_SIDE} per side, {MAX_PIXELS} in all)")
+    };
+    // Pillow's JPEG signature: SOI followed by a marker.
+    if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        let limits = crate::io::jpeg::Limits {
+            max_side: MAX_SIDE,
+            max_pixels: MAX_PIXELS,
+        };
+        let jpeg = crate::io::jpeg::decode(&bytes, &limits).map_err(|e| match e {
+            crate::io::jpeg::Error::TooLarge { width, height } => too_large(width, height),
+            crate::io::jpeg::Error::Empty { .. } => anyhow::anyhow!("image {shown}: {e}"),
+            crate::io::jpeg::Error::Corrupt(msg) => {
+                anyhow::anyhow!("image {shown}: cannot decode ({msg}); truncated or corrupted?")
+            }
+        })?;
+        let orientation = jpeg
+            .exif
+            .as_deref()
+            .and_then(image::metadata::Orientation::from_exif_chunk)
+            .unwrap_or(image::metadata::Orientation::NoTransforms);
+        let (w, h) = (jpeg.width, jpeg.height);
+        let rgb = image::RgbImage::from_raw(w, h, jpeg.rgb)
+            .with_context(|| format!("image {shown}: decoded buffer does not match {w}×{h}"))?;
+        let mut img = image::DynamicImage::ImageRgb8(rgb);
+        img.apply_orientation(orientation);
+        let rgb = img.into_rgb8();
+        return Ok((rgb.width(), rgb.height(), rgb.into_raw()));
+    }
     let reader = image::ImageReader::new(std::io::Cursor::new(&bytes))
         .with_guessed_format()
         .with_context(|| format!("cannot read image {shown}"))?;
-    if reader.format().is_none() {
+    if reader.format() != Some(image::ImageFormat::Png) {
         bail!("image {shown}: not an image loracast can read (PNG or JPEG)");
     }
     // Decoder messages can span lines: keep the one-line contract.
@@ -102,7 +133,7 @@ pub fn read_rgb8(path: &Path) -> Result<(u32, u32, Vec<u8>)> {
     let mut decoder = reader.into_decoder().map_err(broken)?;
     let (w, h) = image::ImageDecoder::dimensions(&decoder);
     if w > MAX_SIDE || h > MAX_SIDE || (w as u64) * (h as u64) > MAX_PIXELS {
-        bail!("image {shown}: declares {w}×{h} pixels, more than loracast decodes ({MAX_SIDE} per side, {MAX_PIXELS} in all)");
+        return Err(too_large(w, h));
     }
     if w == 0 || h == 0 {
         bail!("image {shown}: declares an empty {w}×{h} image");
