@@ -13,7 +13,7 @@ use loracast::io::image::{read_png_rgb8, to_rgb8};
 use loracast::io::safetensors::{save, SafeTensorsFile};
 use loracast::io::DiffusersFolder;
 use loracast::lora::format::{
-    encode_lora, layers_per_block, read_lora, write_lora, AlphaSource, LoraFormat,
+    encode_lora, layers_per_block, read_lora, write_lora, write_lora_with, AlphaSource, LoraFormat,
 };
 use loracast::lora::{LoraSet, LoraSite};
 use loracast::models::unet::UNet2DConditionModel;
@@ -328,7 +328,19 @@ fn output_is_deterministic_and_folder_paths_work() {
             (format, set.weights.len())
         );
     }
-    assert!(encode_lora(&set, LoraFormat::KohyaLdm).is_err());
+    // kohya-ldm: sd-scripts' LDM/SGM block names for this UNet's layout, read back as the same ΔW.
+    let (sites, lpb) = unet_sites("tiny-a");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("ldm.safetensors");
+    write_lora_with(&set, LoraFormat::KohyaLdm, lpb, &file).unwrap();
+    let (ldm, info) = read_lora(&file, Some(&sites), lpb).unwrap();
+    assert_eq!(info.format, LoraFormat::KohyaLdm);
+    assert!(delta_w_err(&set, &ldm) <= 1e-6);
+    let (tensors, _) = encode_lora(&set, LoraFormat::KohyaLdm).unwrap();
+    assert!(tensors.iter().all(|(k, _)| k.starts_with("lora_unet_")
+        && ["input_blocks_", "middle_block_", "output_blocks_"]
+            .iter()
+            .any(|b| k["lora_unet_".len()..].starts_with(b))));
 }
 
 #[test]

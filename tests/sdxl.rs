@@ -552,3 +552,43 @@ fn half_precision_compute_stays_close_to_f32() {
         );
     }
 }
+
+#[test]
+fn lora_convert_and_info_work_on_sdxl_files() {
+    // kohya SGM → PEFT → kohya-ldm (SGM names again) keeps ΔW on every site; `lora info` reads
+    // SDXL files; the written SGM file names the same modules as sd-scripts' (the fixture's).
+    let dir = tempfile::tempdir().unwrap();
+    let base = common::pipeline("sdxl-a");
+    let kohya = common::fixtures().join("lora_sdxl-a_kohya.safetensors");
+    let peft = dir.path().join("peft.safetensors");
+    let sgm = dir.path().join("sgm.safetensors");
+    for (input, to, out) in [(&kohya, "peft", &peft), (&peft, "kohya-ldm", &sgm)] {
+        let o = common::loracast(&[
+            "lora",
+            "convert",
+            input.to_str().unwrap(),
+            "--to",
+            to,
+            "--out",
+            out.to_str().unwrap(),
+            "--base",
+            base.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", common::stderr(&o));
+    }
+    let o = common::loracast(&["lora", "info", sgm.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("kohya-ldm"));
+    let pipe = load("sdxl-a");
+    let (sites, lpb) = (pipe.unet.lora_sites(), layers_per_block(&pipe.unet.config));
+    let (a, _) = read_lora(&kohya, Some(sites), lpb).unwrap();
+    let (b, _) = read_lora(&sgm, Some(sites), lpb).unwrap();
+    for (site, w) in &a.weights {
+        assert!(
+            common::rel_err(&b.weights[site].delta_w(), &w.delta_w()) <= 1e-6,
+            "{site}"
+        );
+    }
+    let names = |f: &std::path::Path| SafeTensorsFile::open(f).unwrap().names();
+    assert_eq!(names(&sgm), names(&kohya));
+}

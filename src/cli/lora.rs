@@ -8,7 +8,7 @@ use clap::{Args, Subcommand};
 
 use crate::io::DiffusersFolder;
 use crate::lora::format::{
-    layers_per_block, read_lora, resolve_lora_path, write_lora, LoraFileInfo, LoraFormat,
+    layers_per_block, read_lora, resolve_lora_path, write_lora_with, LoraFileInfo, LoraFormat,
 };
 use crate::lora::LoraSet;
 use crate::models::unet::UNetConfig;
@@ -25,7 +25,8 @@ pub enum LoraCommand {
 pub struct ConvertArgs {
     /// Input LoRA file, or a folder holding pytorch_lora_weights.safetensors.
     pub input: PathBuf,
-    /// Output format: peft (diffusers) or kohya (A1111/ComfyUI).
+    /// Output format: peft (diffusers), kohya (A1111/ComfyUI, diffusers module names) or kohya-ldm
+    /// (the LDM/SGM block names kohya sd-scripts writes, e.g. for SDXL; layout from --base).
     #[arg(long = "to")]
     pub to: String,
     /// Output .safetensors file, or an existing folder (→ DIR/pytorch_lora_weights.safetensors).
@@ -76,11 +77,11 @@ pub fn run(cmd: LoraCommand) -> Result<()> {
 
 fn convert(args: ConvertArgs) -> Result<()> {
     let format = LoraFormat::from_cli_name(&args.to)
-        .map_err(|_| anyhow::anyhow!("--to {:?}: expected peft or kohya", args.to))?;
+        .map_err(|_| anyhow::anyhow!("--to {:?}: expected peft, kohya or kohya-ldm", args.to))?;
     let out = super::check_output(&resolve_lora_path(&args.out), "safetensors", args.force)?;
     let lpb = base_layers_per_block(args.base.as_ref())?;
     let (set, info) = read_lora(&args.input, None, lpb)?;
-    write_lora(&set, format, &out)?;
+    write_lora_with(&set, format, lpb, &out)?;
     eprintln!(
         "wrote {} ({format}, {} sites, from {})",
         out.display(),

@@ -60,12 +60,14 @@ impl LoraFormat {
         }
     }
 
-    /// A `--to` value: `peft` or `kohya`.
+    /// A `--to` value: `peft`, `kohya` (diffusers-layout module names) or `kohya-ldm` (the
+    /// LDM/SGM block names sd-scripts writes, e.g. for SDXL).
     pub fn from_cli_name(name: &str) -> Result<Self> {
         match name {
             "peft" | "diffusers" => Ok(Self::Peft),
             "kohya" => Ok(Self::Kohya),
-            other => bail!("unknown LoRA format {other:?}: expected peft or kohya"),
+            "kohya-ldm" | "kohya-sgm" => Ok(Self::KohyaLdm),
+            other => bail!("unknown LoRA format {other:?}: expected peft, kohya or kohya-ldm"),
         }
     }
 
@@ -532,7 +534,18 @@ impl<'de> Deserialize<'de> for OrderedPairs {
 /// Writes `set` as `format` (`Peft` or `Kohya`) to `path` (a folder means
 /// `DIR/pytorch_lora_weights.safetensors`), atomically, f32, keeping ΔW.
 pub fn write_lora(set: &LoraSet, format: LoraFormat, path: &Path) -> Result<()> {
-    let (tensors, metadata) = encode_lora(set, format)?;
+    write_lora_with(set, format, None, path)
+}
+
+/// [`write_lora`] with the UNet's `layers_per_block` for LDM/SGM block names (default 2, the
+/// SD1.x and SDXL value).
+pub fn write_lora_with(
+    set: &LoraSet,
+    format: LoraFormat,
+    layers_per_block: Option<i64>,
+    path: &Path,
+) -> Result<()> {
+    let (tensors, metadata) = encode_lora_with(set, format, layers_per_block)?;
     save(
         &tensors,
         Kind::Float,
@@ -546,6 +559,15 @@ pub type EncodedLora = (Vec<(String, Tensor)>, HashMap<String, String>);
 
 /// The tensors and header metadata [`write_lora`] writes.
 pub fn encode_lora(set: &LoraSet, format: LoraFormat) -> Result<EncodedLora> {
+    encode_lora_with(set, format, None)
+}
+
+/// [`encode_lora`] with `layers_per_block` for [`LoraFormat::KohyaLdm`] names (default 2).
+pub fn encode_lora_with(
+    set: &LoraSet,
+    format: LoraFormat,
+    layers_per_block: Option<i64>,
+) -> Result<EncodedLora> {
     let own_sites: Vec<LoraSite> = set.weights.keys().copied().collect();
     set.validate(&own_sites)?;
     let key = |s: &LoraSite| -> SiteKey { (s.transformer, s.proj) };
@@ -590,7 +612,12 @@ pub fn encode_lora(set: &LoraSet, format: LoraFormat) -> Result<EncodedLora> {
             ]);
             Ok((tensors, meta))
         }
-        LoraFormat::Kohya => {
+        LoraFormat::Kohya | LoraFormat::KohyaLdm => {
+            let lpb = layers_per_block.unwrap_or(2);
+            let name = |k: &SiteKey, role| match format {
+                LoraFormat::KohyaLdm => keys::kohya_ldm_key(k, role, lpb),
+                _ => keys::kohya_key(k, role),
+            };
             // One alpha for every module (diffusers uses only the most common one); modules with
             // another alpha get alpha_i / alpha folded into lora_up.
             let nonzero = set.weights.values().map(|w| w.alpha).filter(|a| *a != 0.0);
@@ -607,16 +634,16 @@ pub fn encode_lora(set: &LoraSet, format: LoraFormat) -> Result<EncodedLora> {
                 } else {
                     (w.b.to_kind(Kind::Double) * factor).to_kind(Kind::Float)
                 };
-                tensors.push((keys::kohya_key(&k, Role::Down), w.a.to_kind(Kind::Float)));
-                tensors.push((keys::kohya_key(&k, Role::Up), up));
-                tensors.push((keys::kohya_key(&k, Role::Alpha), Tensor::from(common)));
+                tensors.push((name(&k, Role::Down), w.a.to_kind(Kind::Float)));
+                tensors.push((name(&k, Role::Up), up));
+                tensors.push((name(&k, Role::Alpha), Tensor::from(common)));
             }
             Ok((
                 tensors,
                 HashMap::from([("format".to_string(), "pt".to_string())]),
             ))
         }
-        other => bail!("cannot write LoRA format {other}: write peft or kohya"),
+        other => bail!("cannot write LoRA format {other}: write peft, kohya or kohya-ldm"),
     }
 }
 

@@ -251,6 +251,30 @@ pub fn kohya_key(site: &SiteKey, role: Role) -> String {
     format!("{KOHYA_PREFIX}{}.{suffix}", module_segments(site).join("_"))
 }
 
+/// kohya key in the LDM (SGM) layout, as kohya sd-scripts writes SD1.x LDM and SDXL LoRAs:
+/// the inverse of [`parse_ldm`] for `layers_per_block` (down block `b` attention `a` → input
+/// block `1 + b·(L+1) + a`, mid → `middle_block_1`, up block `b` attention `a` → output block
+/// `b·(L+1) + a`).
+pub fn kohya_ldm_key(site: &SiteKey, role: Role, layers_per_block: i64) -> String {
+    let (t, proj) = site;
+    let per = layers_per_block.max(0) as usize + 1;
+    let block = match t.loc {
+        BlockLoc::Down(b) => format!("input_blocks_{}_1", 1 + b * per + t.attention),
+        BlockLoc::Mid => "middle_block_1".to_string(),
+        BlockLoc::Up(b) => format!("output_blocks_{}_1", b * per + t.attention),
+    };
+    let suffix = match role {
+        Role::Down => "lora_down.weight",
+        Role::Up => "lora_up.weight",
+        Role::Alpha => "alpha",
+    };
+    format!(
+        "{KOHYA_PREFIX}{block}_transformer_blocks_{}_attn2_{}.{suffix}",
+        t.block,
+        proj.name()
+    )
+}
+
 /// A cursor over a module path with a fixed separator.
 struct Cursor<'a> {
     rest: &'a str,
@@ -370,6 +394,38 @@ mod tests {
         );
         // `.processor.` is an old-diffusers spelling only.
         assert!(parse_key(&format!("unet.{m}.processor.to_k.lora_A.weight"), 2).is_err());
+    }
+
+    #[test]
+    fn ldm_keys_parse_back() {
+        for lpb in [1, 2, 3] {
+            for (loc, attention) in [
+                (BlockLoc::Down(0), 0),
+                (BlockLoc::Down(2), lpb as usize - 1),
+                (BlockLoc::Mid, 0),
+                (BlockLoc::Up(0), 0),
+                (BlockLoc::Up(3), lpb as usize),
+            ] {
+                for proj in Proj::ALL {
+                    let s = site(loc, attention, 4, proj);
+                    for role in [Role::Down, Role::Up, Role::Alpha] {
+                        let key = kohya_ldm_key(&s, role, lpb);
+                        let p = parse_key(&key, lpb).unwrap();
+                        assert_eq!(
+                            (p.family, p.site, p.role),
+                            (Family::KohyaLdm, s, role),
+                            "{key}"
+                        );
+                    }
+                }
+            }
+        }
+        // sd-scripts' SDXL names (sdxl-ipadapter-facts §6).
+        let s = site(BlockLoc::Down(1), 0, 0, Proj::Q);
+        assert_eq!(
+            kohya_ldm_key(&s, Role::Down, 2),
+            "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_q.lora_down.weight"
+        );
     }
 
     #[test]
