@@ -80,6 +80,13 @@ pub fn attn2_slots(cfg: &UNetConfig) -> Result<Vec<Attn2Slot>> {
     if cfg.down_block_types.len() != n || cfg.up_block_types.len() != n {
         bail!("unet config: down/up block types do not match block_out_channels");
     }
+    if cfg
+        .reverse_transformer_layers_per_block
+        .as_ref()
+        .is_some_and(|v| !v.is_null())
+    {
+        bail!("unet config: reverse_transformer_layers_per_block is not supported");
+    }
     let layers = cfg.layers_per_block.expand("layers_per_block", n)?;
     let tl = cfg
         .transformer_layers_per_block
