@@ -612,3 +612,30 @@ fn depth_is_what_the_file_has() {
         "layer gap",
     );
 }
+
+#[test]
+fn image_requests_are_complete() {
+    // The whole-image fixtures (for the UNet/pipeline integration): every request names files
+    // that exist and an image that is in the safetensors file.
+    let (doc, refs) = (doc(), refs());
+    let images = doc["images"].as_array().unwrap();
+    assert_eq!(images.len(), 16);
+    for req in images {
+        let key = req["image"].as_str().unwrap();
+        let t = refs.tensor(key, Kind::Uint8).unwrap();
+        assert_eq!(t.size(), [1, 32, 32, 3], "{key}");
+        let adapter = req["adapter"].as_str().unwrap();
+        assert!(dir().join(adapter).is_file(), "{key}: {adapter}");
+        assert!(doc["adapters"][adapter].is_object(), "{key}");
+        if let Some(lora) = req["lora"].as_str() {
+            assert!(common::fixtures().join(lora).is_file(), "{key}: {lora}");
+        }
+        for imgs in req["ip_images"].as_array().unwrap() {
+            for k in imgs.as_array().unwrap() {
+                assert!(file(k.as_str().unwrap()).is_file(), "{key}");
+            }
+        }
+        let pipe = req["pipeline"].as_str().unwrap();
+        assert!(common::pipeline(pipe).is_dir(), "{key}: {pipe}");
+    }
+}
