@@ -302,6 +302,21 @@ impl ClipVisionModel {
 
     /// `pooler_output` `[B, hidden]`: `post_layernorm(last_hidden_state[:, 0])`.
     pub fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let x = self.hidden_state(pixel_values, self.layers.len())?;
+        Ok(self.post_layernorm.forward(&x.select(1, 0)))
+    }
+
+    /// transformers' `hidden_states[layers]` `[B, 1 + N, hidden]`: the state after the first
+    /// `layers` encoder layers (0 = `pre_layrnorm(embeddings)`; all layers = `last_hidden_state`;
+    /// IP-Adapter-Plus takes `hidden_states[-2]`, i.e. `num_hidden_layers - 1`). No
+    /// `post_layernorm` (that only touches the pooled CLS state).
+    pub fn hidden_state(&self, pixel_values: &Tensor, layers: usize) -> Result<Tensor> {
+        if layers > self.layers.len() {
+            bail!(
+                "CLIP vision: hidden state {layers} asked of a {}-layer tower",
+                self.layers.len()
+            );
+        }
         let (s, ch) = (self.config.image_size, self.config.num_channels);
         let b = match pixel_values.size()[..] {
             [b, c, h, w] if c == ch && h == s && w == s => b,
@@ -326,10 +341,85 @@ impl ClipVisionModel {
         let mut x = self
             .pre_layrnorm
             .forward(&(Tensor::cat(&[cls, x], 1) + &self.position_embedding));
-        for layer in &self.layers {
+        for layer in &self.layers[..layers] {
             x = layer.forward(&x);
         }
-        Ok(self.post_layernorm.forward(&x.select(1, 0)))
+        Ok(x)
+    }
+}
+
+fn d_vision_projection() -> i64 {
+    512
+}
+
+/// transformers' `CLIPVisionConfig` as a `CLIPVisionModelWithProjection` folder's config.json
+/// holds it: the tower's fields plus `projection_dim`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClipVisionWithProjectionConfig {
+    #[serde(flatten)]
+    pub vision: ClipVisionConfig,
+    #[serde(default = "d_vision_projection")]
+    pub projection_dim: i64,
+}
+
+/// transformers' `CLIPVisionModelWithProjection` (IP-Adapter's image encoder): `vision_model`
+/// and `visual_projection` (no bias), hub keys `vision_model.…`, `visual_projection.weight`.
+#[derive(Debug)]
+pub struct ClipVisionModelWithProjection {
+    pub config: ClipVisionWithProjectionConfig,
+    pub vision_model: ClipVisionModel,
+    visual_projection: Linear,
+}
+
+impl ClipVisionModelWithProjection {
+    pub fn new(vs: nn::Path, cfg: &ClipVisionWithProjectionConfig) -> Result<Self> {
+        if cfg.projection_dim < 1 {
+            bail!("CLIP vision config: projection_dim must be ≥ 1");
+        }
+        let vision_model = ClipVisionModel::new(&vs / "vision_model", &cfg.vision)?;
+        let _rng = crate::util::rng_lock();
+        Ok(Self {
+            config: cfg.clone(),
+            vision_model,
+            visual_projection: Linear::new(
+                &vs / "visual_projection",
+                cfg.vision.hidden_size,
+                cfg.projection_dim,
+                false,
+            ),
+        })
+    }
+
+    /// Loads a `CLIPVisionModelWithProjection` folder (`config.json` + `model.safetensors`)
+    /// strictly. A full `CLIPModel` folder (a `vision_config` inside) is refused by name.
+    pub fn load(dir: &Path, device: Device) -> Result<(Self, nn::VarStore)> {
+        let (raw, files): (serde_json::Value, _) = open_hf_folder(dir, "CLIP vision")?;
+        if raw.get("vision_config").is_some() || raw.get("text_config").is_some() {
+            bail!(
+                "{}: config.json is a CLIPModel config (text and vision towers); an image encoder \
+                 folder holds a CLIPVisionModelWithProjection (model_type \"clip_vision_model\")",
+                dir.display()
+            );
+        }
+        let config: ClipVisionWithProjectionConfig = serde_json::from_value(raw)
+            .with_context(|| format!("{}/config.json: not a CLIP vision config", dir.display()))?;
+        let mut vs = nn::VarStore::new(device);
+        let model = Self::new(vs.root(), &config)?;
+        crate::io::safetensors::load_strict(
+            &mut vs,
+            &files,
+            &["vision_model.embeddings.position_ids"],
+        )
+        .with_context(|| format!("{}: weights do not match config.json", dir.display()))?;
+        vs.freeze();
+        Ok((model, vs))
+    }
+
+    /// `image_embeds` `[B, projection_dim]`: `visual_projection(pooler_output)`.
+    pub fn image_embeds(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        Ok(self
+            .visual_projection
+            .forward(&self.vision_model.forward(pixel_values)?))
     }
 }
 
