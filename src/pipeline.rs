@@ -30,7 +30,9 @@ use crate::io::DiffusersFolder;
 use crate::lora::LoraSet;
 use crate::models::clip_text::{ClipTextConfig, ClipTextModel, ClipTextModelWithProjection};
 use crate::models::tokenizer::ClipTokenizer;
-use crate::models::unet::{AddedCond, UNet2DConditionModel, UNetCond, UNetConfig};
+use crate::models::unet::{
+    AddedCond, ImageTokens, IpWeights, UNet2DConditionModel, UNetCond, UNetConfig,
+};
 use crate::models::vae::AutoencoderKL;
 
 /// Which pipeline a folder is, from its `model_index.json` and UNet.
@@ -180,6 +182,34 @@ pub struct GenerateRequest {
     pub target_size: Option<(i64, i64)>,
     /// diffusers' `num_images_per_prompt` (≥ 1; [`StableDiffusion::generate_batch`]).
     pub num_images: usize,
+    /// IP-Adapter image conditioning.
+    pub ip_adapter: Option<IpAdapterInput>,
+}
+
+/// IP-Adapter conditioning of a request: the image tokens of the reference image(s) (several
+/// images concatenated: `[1, n·T, cross]`), those of the unconditional image (Plus: zeros after
+/// normalisation; plain: zero embeds), the scale and the adapter's attn2 weights.
+///
+/// Rows: CFG's ∅ row gets `uncond_tokens`, the prompt row `tokens` (diffusers). HM-CFG: ∅ gets
+/// `uncond_tokens`, c_G and c_S get `tokens`, so with κ = 1 and a zero LoRA it is CFG (at 2g)
+/// with the image on the conditional side, as diffusers'.
+#[derive(Debug)]
+pub struct IpAdapterInput {
+    pub tokens: Tensor,
+    pub uncond_tokens: Tensor,
+    pub scale: f64,
+    pub weights: IpWeights,
+}
+
+impl Clone for IpAdapterInput {
+    fn clone(&self) -> Self {
+        Self {
+            tokens: self.tokens.shallow_clone(),
+            uncond_tokens: self.uncond_tokens.shallow_clone(),
+            scale: self.scale,
+            weights: self.weights.clone(),
+        }
+    }
 }
 
 /// How the UNet rows of one step are combined.
@@ -234,6 +264,7 @@ impl GenerateRequest {
             crops_coords_top_left: (0, 0),
             target_size: None,
             num_images: 1,
+            ip_adapter: None,
         }
     }
 
@@ -474,6 +505,21 @@ impl StableDiffusion {
         if req.num_images == 0 {
             bail!("--num-images must be at least 1");
         }
+        if let Some(ip) = &req.ip_adapter {
+            if !ip.scale.is_finite() {
+                bail!(
+                    "--ip-adapter-scale must be a finite number, got {}",
+                    ip.scale
+                );
+            }
+            if ip.tokens.size() != ip.uncond_tokens.size() || ip.tokens.dim() != 3 {
+                bail!(
+                    "IP-Adapter tokens {:?} and unconditional tokens {:?} must be [1, T, cross]",
+                    ip.tokens.size(),
+                    ip.uncond_tokens.size()
+                );
+            }
+        }
         if !req.guidance_scale.is_finite() {
             bail!("--guidance-scale must be a finite number");
         }
@@ -581,16 +627,21 @@ impl StableDiffusion {
                 self.encode_uncond(neg.as_deref(), neg_2.as_deref(), &cond)
             };
             let personal = lora.as_ref().map(|l| (l, req.lora_scale));
-            let (groups, group_lora) = match guidance {
-                Guidance::None => (vec![cond], vec![personal]),
+            // Whether each group's rows see the image (true) or the unconditional image.
+            let (groups, group_lora, group_image) = match guidance {
+                Guidance::None => (vec![cond], vec![personal], vec![true]),
                 // [∅; c]
-                Guidance::Cfg { .. } => (vec![uncond()?, cond], vec![personal, personal]),
+                Guidance::Cfg { .. } => (
+                    vec![uncond()?, cond],
+                    vec![personal, personal],
+                    vec![false, true],
+                ),
                 // [∅; c_G; c_S]
                 Guidance::HmCfg { .. } => {
                     let generic = req.generic_prompt.as_deref().unwrap_or_default();
                     let generic = self.encode_text(generic, None, req.clip_skip)?;
                     let rows = vec![uncond()?, generic, cond];
-                    (rows, vec![None, None, personal])
+                    (rows, vec![None, None, personal], vec![false, true, true])
                 }
             };
             // Each group [1, …] → [N, …]; rows [groups·N, 77, D].
@@ -607,7 +658,25 @@ impl StableDiffusion {
                 .pooled
                 .as_ref()
                 .map(|_| self.time_ids(req, h, w).repeat([n_groups * n, 1]));
+            // IP-Adapter: per group its tokens [1, T, cross] → [groups·N, T, cross].
+            let image = req.ip_adapter.as_ref().map(|ip| {
+                let rows: Vec<Tensor> = group_image
+                    .iter()
+                    .map(|&img| {
+                        let t = if img { &ip.tokens } else { &ip.uncond_tokens };
+                        t.to_device(self.device).repeat([n, 1, 1])
+                    })
+                    .collect();
+                let tokens = Tensor::cat(&rows, 0);
+                let scale = Tensor::full([n_groups * n], ip.scale, (Kind::Float, self.device));
+                ImageTokens {
+                    tokens,
+                    scale,
+                    weights: ip.weights.clone(),
+                }
+            });
             let unet_cond = UNetCond {
+                image: image.as_ref(),
                 text: &text.hidden,
                 added: text.pooled.as_ref().zip(time_ids.as_ref()).map(
                     |(text_embeds, time_ids)| AddedCond {

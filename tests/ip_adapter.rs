@@ -639,3 +639,161 @@ fn image_requests_are_complete() {
         assert!(common::pipeline(pipe).is_dir(), "{key}: {pipe}");
     }
 }
+
+/// (max, mean) level difference of two u8 images.
+fn level_diff(ours: &[u8], theirs: &[u8]) -> (u8, f64) {
+    assert_eq!(ours.len(), theirs.len(), "image size");
+    let max = ours.iter().zip(theirs).map(|(a, b)| a.abs_diff(*b)).max();
+    let sum: f64 = ours
+        .iter()
+        .zip(theirs)
+        .map(|(a, b)| a.abs_diff(*b) as f64)
+        .sum();
+    (max.unwrap_or(0), sum / ours.len() as f64)
+}
+
+#[test]
+fn images_match_diffusers_through_the_cli() {
+    // Every fixture request (SD1.x and SDXL, Plus and plain, scales 0.5/1, negative prompt, two
+    // images, a JPEG, a LoRA on top) through `loracast generate --ip-adapter …`, against
+    // diffusers' load_ip_adapter + set_ip_adapter_scale + pipe(ip_adapter_image=…) (issue 16:
+    // max ≤ 3 levels, mean ≤ 0.25).
+    let (doc, refs) = (doc(), refs());
+    let tmp = tempfile::tempdir().unwrap();
+    let mut worst = (0u8, 0f64);
+    for case in doc["images"].as_array().unwrap() {
+        let key = case["image"].as_str().unwrap();
+        let out = tmp.path().join(format!("{key}.png"));
+        let base = common::pipeline(case["pipeline"].as_str().unwrap());
+        let adapter = dir().join(case["adapter"].as_str().unwrap());
+        let mut args: Vec<String> = vec![
+            "generate".into(),
+            "--base".into(),
+            base.display().to_string(),
+            "--prompt".into(),
+            case["prompt"].as_str().unwrap().into(),
+            "--steps".into(),
+            case["steps"].to_string(),
+            "--seed".into(),
+            case["seed"].to_string(),
+            "--guidance-scale".into(),
+            case["guidance_scale"].to_string(),
+            "--ip-adapter".into(),
+            adapter.display().to_string(),
+            "--ip-adapter-scale".into(),
+            case["ip_adapter_scale"].to_string(),
+            "--out".into(),
+            out.display().to_string(),
+        ];
+        let images = &case["ip_images"].as_array().unwrap()[0];
+        for im in images.as_array().unwrap() {
+            args.extend([
+                "--ip-image".into(),
+                file(im.as_str().unwrap()).display().to_string(),
+            ]);
+        }
+        if let Some(n) = case["negative_prompt"].as_str() {
+            args.extend(["--negative-prompt".into(), n.into()]);
+        }
+        if let Some(l) = case["lora"].as_str() {
+            args.extend([
+                "--lora".into(),
+                common::fixtures().join(l).display().to_string(),
+            ]);
+        }
+        if let Some(s) = case["lora_scale"].as_f64() {
+            args.extend(["--lora-scale".into(), s.to_string()]);
+        }
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = common::loracast(&a);
+        assert!(o.status.success(), "{key}: {}", common::stderr(&o));
+        let (_, _, ours) = loracast::io::image::read_png_rgb8(&out).unwrap();
+        let t = refs.tensor(key, Kind::Uint8).unwrap().get(0);
+        let mut theirs = vec![0u8; t.numel()];
+        t.copy_data_u8(&mut theirs, t.numel());
+        let (max, mean) = level_diff(&ours, &theirs);
+        assert!(
+            max <= 3 && mean <= 0.25,
+            "{key} ({case}): max {max}, mean {mean:.3}"
+        );
+        worst = (worst.0.max(max), worst.1.max(mean));
+    }
+    eprintln!(
+        "IP-Adapter images match diffusers: worst max {}, mean {:.3}",
+        worst.0, worst.1
+    );
+}
+
+#[test]
+fn cli_ip_adapter_bad_inputs_are_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("o.png");
+    let o = out.to_str().unwrap();
+    let tiny = common::pipeline("tiny-a");
+    let sdxl_adapter = dir().join("ip-adapter-plus_sdxl-a.safetensors");
+    let adapter = dir().join("ip-adapter-plus_tiny-a.safetensors");
+    let img = file("a");
+    let base = [
+        "generate",
+        "--base",
+        tiny.to_str().unwrap(),
+        "--prompt",
+        "a cat",
+        "--out",
+        o,
+    ];
+    fn with<'a>(base: &[&'a str], extra: &[&'a str]) -> Vec<&'a str> {
+        [base, extra].concat()
+    }
+    // --ip-image without --ip-adapter; an adapter for another base; a missing encoder folder;
+    // an unreadable image.
+    common::assert_fails(
+        &with(&base, &["--ip-image", img.to_str().unwrap()]),
+        Some(&out),
+        "--ip-adapter",
+    );
+    common::assert_fails(
+        &with(
+            &base,
+            &[
+                "--ip-adapter",
+                sdxl_adapter.to_str().unwrap(),
+                "--ip-image",
+                img.to_str().unwrap(),
+            ],
+        ),
+        Some(&out),
+        "another base",
+    );
+    let nowhere = tmp.path().join("none");
+    common::assert_fails(
+        &with(
+            &base,
+            &[
+                "--ip-adapter",
+                adapter.to_str().unwrap(),
+                "--image-encoder",
+                nowhere.to_str().unwrap(),
+                "--ip-image",
+                img.to_str().unwrap(),
+            ],
+        ),
+        Some(&out),
+        "image encoder",
+    );
+    let bad = tmp.path().join("bad.png");
+    std::fs::write(&bad, b"not an image").unwrap();
+    common::assert_fails(
+        &with(
+            &base,
+            &[
+                "--ip-adapter",
+                adapter.to_str().unwrap(),
+                "--ip-image",
+                bad.to_str().unwrap(),
+            ],
+        ),
+        Some(&out),
+        "bad.png",
+    );
+}

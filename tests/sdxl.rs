@@ -160,6 +160,7 @@ fn unet_matches_with_added_conditioning() {
             };
             let (text, pooled, ids) = (t("ctx"), t("text_embeds"), t("time_ids"));
             let cond = UNetCond {
+                image: None,
                 text: &text,
                 added: Some(AddedCond {
                     text_embeds: &pooled,

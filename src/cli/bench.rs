@@ -101,6 +101,7 @@ impl RandomCond {
 
     fn cond(&self) -> UNetCond<'_> {
         UNetCond {
+            image: None,
             text: &self.text,
             added: self.added.as_ref().map(|(p, ids)| AddedCond {
                 text_embeds: p,

@@ -10,8 +10,12 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::diffusion::SchedulerKind;
 use crate::io::image::{to_rgb8, write_png};
+use crate::io::preprocess::RgbImage;
 use crate::lora::format::{layers_per_block, read_lora};
-use crate::pipeline::{parse_dtype, GenerateRequest, LoadOptions, StableDiffusion};
+use crate::models::ip_adapter::{ImageEncoder, IpAdapter};
+use crate::models::unet::UNetConfig;
+use crate::pipeline::{parse_dtype, GenerateRequest, IpAdapterInput, LoadOptions, StableDiffusion};
+use tch::Tensor;
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
@@ -34,6 +38,21 @@ pub struct GenerateArgs {
     /// Weight-file variant (diffusers' variant="fp16": reads *.fp16.safetensors where present).
     #[arg(long)]
     pub variant: Option<String>,
+    /// IP-Adapter file as h94/IP-Adapter ships it (Plus or plain; flat image_proj.* / ip_adapter.*
+    /// keys). Rows: CFG's unconditional row gets the negative image embedding, the prompt row the
+    /// image; HM-CFG: ∅ gets the negative image, c_G and c_S the image (κ = 1 with a zero LoRA is
+    /// then diffusers' CFG with the image).
+    #[arg(long)]
+    pub ip_adapter: Option<PathBuf>,
+    /// The adapter's CLIP image encoder folder (default: image_encoder/ beside --ip-adapter).
+    #[arg(long)]
+    pub image_encoder: Option<PathBuf>,
+    /// Reference image for the IP-Adapter; several concatenate their image tokens.
+    #[arg(long)]
+    pub ip_image: Vec<PathBuf>,
+    /// IP-Adapter scale (diffusers' set_ip_adapter_scale); default 1.0.
+    #[arg(long, allow_hyphen_values = true)]
+    pub ip_adapter_scale: Option<f64>,
     /// Compute dtype of the text encoders, UNet and VAE: f32 (default), f16 or bf16 (diffusers'
     /// torch_dtype; an fp16 VAE with force_upcast decodes in f32; latents stay f32).
     #[arg(long, default_value = "f32")]
@@ -99,6 +118,61 @@ fn parse_pair(s: &str) -> std::result::Result<(i64, i64), String> {
     Ok((n(a)?, n(b)?))
 }
 
+/// Reads the IP-Adapter, its image encoder and the reference images, checks them against the
+/// base's UNet config, and returns the request's image conditioning (before the pipeline loads).
+fn ip_adapter_input(
+    args: &GenerateArgs,
+    base: &std::path::Path,
+    device: tch::Device,
+) -> Result<Option<IpAdapterInput>> {
+    let Some(file) = &args.ip_adapter else {
+        for (flag, set) in [
+            ("--ip-image", !args.ip_image.is_empty()),
+            ("--image-encoder", args.image_encoder.is_some()),
+            ("--ip-adapter-scale", args.ip_adapter_scale.is_some()),
+        ] {
+            if set {
+                bail!("{flag} needs --ip-adapter");
+            }
+        }
+        return Ok(None);
+    };
+    if args.ip_image.is_empty() {
+        bail!("--ip-adapter needs at least one --ip-image");
+    }
+    let scale = args.ip_adapter_scale.unwrap_or(1.0);
+    if !scale.is_finite() {
+        bail!("--ip-adapter-scale must be a finite number, got {scale}");
+    }
+    let images = args
+        .ip_image
+        .iter()
+        .map(|p| RgbImage::open(p))
+        .collect::<Result<Vec<_>>>()?;
+    let adapter = IpAdapter::load(file, device)?;
+    let folder = crate::io::DiffusersFolder::open(base)?;
+    let unet = UNetConfig::from_json(folder.config("unet", "config.json")?)?;
+    let weights = adapter.attn_weights(&unet)?;
+    let encoder_dir = match &args.image_encoder {
+        Some(d) => d.clone(),
+        None => file
+            .parent()
+            .unwrap_or(std::path::Path::new("."))
+            .join("image_encoder"),
+    };
+    // diffusers' load_ip_adapter always preprocesses with its CLIPImageProcessor fallback.
+    let encoder = ImageEncoder::load(&encoder_dir, device)?.use_diffusers_preprocess();
+    let (cond, uncond) = encoder.image_tokens(&adapter, &images)?;
+    // [n, T, cross] → [1, n·T, cross] (several images concatenate their tokens)
+    let flat = |t: Tensor| t.reshape([1, -1, t.size()[2]]);
+    Ok(Some(IpAdapterInput {
+        tokens: flat(cond),
+        uncond_tokens: flat(uncond),
+        scale,
+        weights: std::rc::Rc::new(weights),
+    }))
+}
+
 /// Checks the LoRA/HM-CFG flags before any heavy work.
 fn check_lora_flags(args: &GenerateArgs) -> Result<()> {
     if args.lora.is_none() {
@@ -154,7 +228,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         .map(SchedulerKind::from_cli_name)
         .transpose()?;
     let device = super::parse_device(&args.device)?;
+    let ip_adapter = ip_adapter_input(&args, &base, device)?;
     let mut req = GenerateRequest {
+        ip_adapter,
         prompt: args.prompt,
         negative_prompt: args.negative_prompt,
         prompt_2: args.prompt_2,

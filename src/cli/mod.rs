@@ -27,11 +27,13 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per process; boxing the larger argument structs would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum Command {
     /// The toy world end to end with the shipped weights: report.html + metrics.json.
     Demo(demo::DemoArgs),
-    /// Text-to-image with a diffusers-format SD1.x folder.
+    /// Text-to-image with a diffusers-format SD1.x or SDXL folder (optionally an IP-Adapter).
     Generate(generate::GenerateArgs),
     /// Benchmarks (compare with scripts/bench_unet.py).
     #[command(subcommand)]

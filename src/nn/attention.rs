@@ -6,6 +6,16 @@ use tch::{nn, Tensor};
 use super::Linear;
 use crate::lora::LoraDelta;
 
+/// The image branch of one attn2 call: tokens `[B, T, cross]`, per-row scale `[B]`, and the
+/// adapter's bias-free `to_k_ip`/`to_v_ip` weights `[inner, cross]`.
+#[derive(Debug, Clone, Copy)]
+pub struct ImageBranch<'a> {
+    pub tokens: &'a Tensor,
+    pub scale: &'a Tensor,
+    pub to_k_ip: &'a Tensor,
+    pub to_v_ip: &'a Tensor,
+}
+
 #[derive(Debug)]
 pub struct Attention {
     pub to_q: Linear,
@@ -43,6 +53,17 @@ impl Attention {
         context: Option<&Tensor>,
         lora: [Option<&LoraDelta>; 3],
     ) -> Tensor {
+        self.forward_image(x, context, lora, None)
+    }
+
+    /// [`Self::forward`] plus IP-Adapter's image branch.
+    pub fn forward_image(
+        &self,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        lora: [Option<&LoraDelta>; 3],
+        image: Option<ImageBranch<'_>>,
+    ) -> Tensor {
         let ctx = context.unwrap_or(x);
         let q = self.to_q.forward_lora(x, lora[0]);
         let k = self.to_k.forward_lora(ctx, lora[1]);
@@ -52,18 +73,34 @@ impl Attention {
         // [B, L, H·Dh] → [B, H, L, Dh]
         let split = |t: Tensor| t.view([b, -1, self.heads, dh]).transpose(1, 2);
         let (q, k, v) = (split(q), split(k), split(v));
-        let o = Tensor::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            None::<Tensor>,
-            0.0,
-            false,
-            None,
-            false,
-        );
-        // [B, H, N, Dh] → [B, N, H·Dh]
-        let o = o.transpose(1, 2).reshape([b, n, inner]);
+        let sdpa = |k: &Tensor, v: &Tensor| {
+            let o = Tensor::scaled_dot_product_attention(
+                &q,
+                k,
+                v,
+                None::<Tensor>,
+                0.0,
+                false,
+                None,
+                false,
+            );
+            // [B, H, N, Dh] → [B, N, H·Dh]
+            o.transpose(1, 2).reshape([b, n, inner])
+        };
+        let o = sdpa(&k, &v);
+        // Out of place: autograd may keep SDPA's output for its backward.
+        let o = match image {
+            None => o,
+            Some(img) => {
+                let tokens = img.tokens.to_kind(x.kind());
+                // [B, T, cross] @ [cross, inner] → [B, T, inner] → [B, H, T, Dh]
+                let k_ip = split(tokens.matmul(&img.to_k_ip.to_kind(x.kind()).tr()));
+                let v_ip = split(tokens.matmul(&img.to_v_ip.to_kind(x.kind()).tr()));
+                // [B] → [B, 1, 1]
+                let scale = img.scale.to_kind(x.kind()).view([b, 1, 1]);
+                o + sdpa(&k_ip, &v_ip) * scale
+            }
+        };
         self.to_out.forward(&o)
     }
 }

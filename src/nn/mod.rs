@@ -3,7 +3,7 @@ mod attention;
 mod linear;
 mod resnet;
 
-pub use attention::Attention;
+pub use attention::{Attention, ImageBranch};
 pub use linear::Linear;
 pub use resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
 

@@ -3,7 +3,7 @@
 //! A block without attentions is the cross-attention block with an empty `attentions` list.
 use tch::{nn, Tensor};
 
-use super::transformer::{Transformer2DModel, TransformerConfig};
+use super::transformer::{CrossCond, Transformer2DModel, TransformerConfig};
 use crate::lora::{BlockLoc, LoraBatch, TransformerSite};
 use crate::nn::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
 
@@ -76,7 +76,7 @@ impl DownBlock {
         &self,
         x: &Tensor,
         temb: &Tensor,
-        ctx: &Tensor,
+        ctx: &CrossCond<'_>,
         lora: Option<&LoraBatch>,
     ) -> (Tensor, Vec<Tensor>) {
         let mut x = x.shallow_clone();
@@ -131,7 +131,7 @@ impl MidBlock {
         &self,
         x: &Tensor,
         temb: &Tensor,
-        ctx: &Tensor,
+        ctx: &CrossCond<'_>,
         lora: Option<&LoraBatch>,
     ) -> Tensor {
         let mut x = self.resnets[0].forward(x, Some(temb));
@@ -205,7 +205,7 @@ impl UpBlock {
         x: &Tensor,
         skips: &mut Vec<Tensor>,
         temb: &Tensor,
-        ctx: &Tensor,
+        ctx: &CrossCond<'_>,
         lora: Option<&LoraBatch>,
         upsample_size: Option<(i64, i64)>,
     ) -> Tensor {

@@ -10,6 +10,7 @@ mod config;
 mod transformer;
 
 pub use config::{AddedEmbedding, PerBlock, UNetConfig, UNetLayout};
+pub use transformer::{ImageTokens, IpWeights};
 
 use anyhow::{bail, Result};
 use tch::{nn, nn::Module, Kind, Tensor};
@@ -18,7 +19,7 @@ use crate::io::DiffusersFolder;
 use crate::lora::{LoraBatch, LoraSite};
 use crate::nn::{conv2d, group_norm, Activation, Linear, ResnetConfig};
 use blocks::{BlockSpec, DownBlock, MidBlock, UpBlock};
-use transformer::{Transformer2DModel, TransformerConfig};
+use transformer::{CrossCond, Transformer2DModel, TransformerConfig};
 
 /// What the UNet is conditioned on besides `x_t` and `t`, one row per sample.
 #[derive(Debug, Clone, Copy)]
@@ -27,6 +28,8 @@ pub struct UNetCond<'a> {
     pub text: &'a Tensor,
     /// SDXL's added conditioning (`added_cond_kwargs`), for UNets with `addition_embed_type`.
     pub added: Option<AddedCond<'a>>,
+    /// IP-Adapter image tokens for attn2 (decoupled cross-attention).
+    pub image: Option<&'a ImageTokens>,
 }
 
 /// diffusers' `added_cond_kwargs = {"text_embeds", "time_ids"}`.
@@ -41,7 +44,11 @@ pub struct AddedCond<'a> {
 impl<'a> UNetCond<'a> {
     /// Text states only (SD1.x/SD2.x).
     pub fn text(text: &'a Tensor) -> Self {
-        Self { text, added: None }
+        Self {
+            text,
+            added: None,
+            image: None,
+        }
     }
 }
 
@@ -261,6 +268,10 @@ impl UNet2DConditionModel {
         lora: Option<&LoraBatch>,
     ) -> Result<Tensor> {
         let ctx = cond.text;
+        let cross = CrossCond {
+            text: ctx,
+            image: cond.image,
+        };
         let size = x.size();
         if size.len() != 4 || size[1] != self.config.in_channels {
             bail!(
@@ -280,6 +291,13 @@ impl UNet2DConditionModel {
         };
         if let Some(lora) = lora {
             lora.validate(&self.sites, b)?;
+        }
+        if let Some(img) = cond.image {
+            let (ts, ss) = (img.tokens.size(), img.scale.size());
+            let cross = self.cross_dim_k();
+            if ts.len() != 3 || ts[0] != b || cross.is_some_and(|d| ts[2] != d) || ss != [b] {
+                bail!("UNet image tokens must be [{b}, T, cross_attention_dim] with scales [{b}], got {ts:?} and {ss:?}");
+            }
         }
 
         // 1. Time embedding (+ SDXL's added conditioning).
@@ -323,13 +341,13 @@ impl UNet2DConditionModel {
         let mut h = self.conv_in.forward(x);
         let mut skips = vec![h.shallow_clone()];
         for block in &self.down_blocks {
-            let (out, s) = block.forward(&h, &temb, ctx, lora);
+            let (out, s) = block.forward(&h, &temb, &cross, lora);
             h = out;
             skips.extend(s);
         }
 
         // 3. Mid block.
-        h = self.mid_block.forward(&h, &temb, ctx, lora);
+        h = self.mid_block.forward(&h, &temb, &cross, lora);
 
         // 4. Up path: each block consumes one skip per resnet. When the input size is not a
         // multiple of 2^num_upsamplers, upsample to the size of the matching skip.
@@ -342,7 +360,7 @@ impl UNet2DConditionModel {
                 let s = skips[remaining - 1].size();
                 (s[2], s[3])
             });
-            h = block.forward(&h, &mut skips, &temb, ctx, lora, upsample_size);
+            h = block.forward(&h, &mut skips, &temb, &cross, lora, upsample_size);
         }
 
         // 5. Output.
@@ -432,6 +450,7 @@ mod tests {
         let cond = UNetCond {
             text: &ctx,
             added: Some(added),
+            image: None,
         };
         let eps = tch::no_grad(|| unet.forward_cond(&x, &t, &cond, None)).unwrap();
         assert_eq!(eps.size(), [2, 4, 8, 8]);

@@ -1,10 +1,33 @@
 //! diffusers' `Transformer2DModel` (continuous input) and `BasicTransformerBlock`
 //! (models/transformers/transformer_2d.py, models/attention.py): self-attention, cross-attention
-//! to the text states (the LoRA sites, `attn2.to_q/to_k/to_v`), GEGLU feed-forward.
+//! to the text states (the LoRA sites, `attn2.to_q/to_k/to_v`) and, with an IP-Adapter, to image
+//! tokens (`to_k_ip`/`to_v_ip` of the adapter, keyed by transformer block), GEGLU feed-forward.
 use tch::{nn, nn::Module, Tensor};
 
 use crate::lora::{LoraBatch, LoraSite, Proj, TransformerSite};
-use crate::nn::{conv2d, group_norm, layer_norm, Attention, Linear};
+use crate::nn::{conv2d, group_norm, layer_norm, Attention, ImageBranch, Linear};
+
+/// An IP-Adapter's `(to_k_ip, to_v_ip)` per attn2 transformer block (shared, frozen).
+pub type IpWeights = std::rc::Rc<std::collections::BTreeMap<TransformerSite, (Tensor, Tensor)>>;
+
+/// What attn2 attends to: text states `[B, M, cross]` and optional IP-Adapter image tokens.
+#[derive(Debug, Clone, Copy)]
+pub struct CrossCond<'a> {
+    pub text: &'a Tensor,
+    pub image: Option<&'a ImageTokens>,
+}
+
+/// IP-Adapter image tokens for one UNet call (diffusers' `ip_adapter_image_embeds` through the
+/// projection) and the adapter's attn2 weights.
+#[derive(Debug)]
+pub struct ImageTokens {
+    /// `[B, T, cross_attention_dim]`; rows without an image hold zeros and scale 0.
+    pub tokens: Tensor,
+    /// Per-row adapter scale `[B]` (diffusers' `set_ip_adapter_scale`).
+    pub scale: Tensor,
+    /// `(to_k_ip, to_v_ip)` `[inner, cross]` of every attn2, by transformer block.
+    pub weights: IpWeights,
+}
 
 /// `ff.net.0` (GEGLU: `proj` to 2×inner, `h * gelu(gate)`) and `ff.net.2`.
 #[derive(Debug)]
@@ -61,13 +84,22 @@ impl BasicTransformerBlock {
         }
     }
 
-    /// `x: [B, N, dim]`, `ctx: [B, M, cross_dim]`.
-    fn forward(&self, x: &Tensor, ctx: &Tensor, lora: Option<&LoraBatch>) -> Tensor {
+    /// `x: [B, N, dim]`, `ctx.text: [B, M, cross_dim]`.
+    fn forward(&self, x: &Tensor, ctx: &CrossCond<'_>, lora: Option<&LoraBatch>) -> Tensor {
         let x = self.attn1.forward(&self.norm1.forward(x), None, [None; 3]) + x;
         let deltas = self.sites.map(|s| lora.and_then(|l| l.get(&s)));
+        let image = ctx.image.and_then(|img| {
+            let (k, v) = img.weights.get(&self.sites[0].transformer)?;
+            Some(ImageBranch {
+                tokens: &img.tokens,
+                scale: &img.scale,
+                to_k_ip: k,
+                to_v_ip: v,
+            })
+        });
         let x = self
             .attn2
-            .forward(&self.norm2.forward(&x), Some(ctx), deltas)
+            .forward_image(&self.norm2.forward(&x), Some(ctx.text), deltas, image)
             + &x;
         self.ff.forward(&self.norm3.forward(&x)) + &x
     }
@@ -145,8 +177,8 @@ impl Transformer2DModel {
         }
     }
 
-    /// `x: [B, C, H, W]`, `ctx: [B, M, cross_dim]` → `[B, C, H, W]`.
-    pub fn forward(&self, x: &Tensor, ctx: &Tensor, lora: Option<&LoraBatch>) -> Tensor {
+    /// `x: [B, C, H, W]`, `ctx.text: [B, M, cross_dim]` → `[B, C, H, W]`.
+    pub fn forward(&self, x: &Tensor, ctx: &CrossCond<'_>, lora: Option<&LoraBatch>) -> Tensor {
         let (b, c, h, w) = x.size4().expect("UNet feature maps are 4-d");
         let residual = x;
         let x = self.norm.forward(x);
