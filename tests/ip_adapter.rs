@@ -797,3 +797,73 @@ fn cli_ip_adapter_bad_inputs_are_one_line() {
         "bad.png",
     );
 }
+
+#[test]
+fn hm_cfg_with_an_ip_adapter_reduces_to_cfg() {
+    // HM-CFG's rows with an IP-Adapter: ∅ gets the negative image embedding, c_G and c_S the
+    // image. With κ = 1, a zero LoRA and c_G = c_S = c, ε̃ = ε(∅) + g·(2ε(c) − 2ε(∅)): CFG at
+    // guidance 2g with the image on the conditional side, as diffusers' pipe(ip_adapter_image).
+    use loracast::lora::format::{write_lora, LoraFormat};
+    use loracast::lora::{LoraSet, LoraWeights};
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = unet_config("tiny-a");
+    let mut zero = LoraSet::default();
+    for site in cfg.lora_sites().unwrap() {
+        let (i, o) = (site.in_features as i64, site.out_features as i64);
+        let opts = (Kind::Float, Device::Cpu);
+        let w = LoraWeights {
+            a: Tensor::randn([2, i], opts),
+            b: Tensor::zeros([o, 2], opts),
+            alpha: 2.0,
+        };
+        zero.weights.insert(site, w);
+    }
+    let lora = tmp.path().join("zero.safetensors");
+    write_lora(&zero, LoraFormat::Peft, &lora).unwrap();
+    let base = common::pipeline("tiny-a");
+    let adapter = dir().join("ip-adapter-plus_tiny-a.safetensors");
+    let run = |out: &str, extra: &[&str]| {
+        let out = tmp.path().join(out);
+        let img = file("a");
+        let mut args = vec![
+            "generate",
+            "--base",
+            base.to_str().unwrap(),
+            "--prompt",
+            "a photo of a dog",
+            "--steps",
+            "4",
+            "--seed",
+            "3",
+            "--ip-adapter",
+            adapter.to_str().unwrap(),
+            "--ip-image",
+            img.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        let o = common::loracast(&args);
+        assert!(o.status.success(), "{}", common::stderr(&o));
+        loracast::io::image::read_png_rgb8(&out).unwrap().2
+    };
+    let cfg_img = run("cfg.png", &["--guidance-scale", "5"]);
+    let hm = run(
+        "hm.png",
+        &[
+            "--guidance-scale",
+            "2.5",
+            "--lora",
+            lora.to_str().unwrap(),
+            "--generic-prompt",
+            "a photo of a dog",
+            "--kappa",
+            "1",
+        ],
+    );
+    let (max, mean) = level_diff(&hm, &cfg_img);
+    assert!(
+        max <= 1 && mean <= 0.05,
+        "HM-CFG vs CFG: max {max}, mean {mean:.3}"
+    );
+}
