@@ -42,7 +42,10 @@ SDXL = dict(sample_size=128, layers_per_block=2, block_out_channels=(320, 640, 1
 SDXL_MEDIUM = dict(SDXL, block_out_channels=(80, 160, 320), transformer_layers_per_block=(1, 2, 4),
                    attention_head_dim=(1, 2, 4), cross_attention_dim=512,
                    projection_class_embeddings_input_dim=6 * 256 + 256)
+# "+ip": IP-Adapter-Plus on every attn2 (16 image tokens; diffusers runs its Resampler on the
+# 257 ViT-H tokens inside every UNet call, loracast once per image before the loop).
 CASES = {"small": ("(32,64,64) b8 32x32", SMALL, 8, 32), "sd15": ("SD1.5 b1 64x64", SD15, 1, 64),
+         "sd15-cfg": ("SD1.5 b2 64x64", SD15, 2, 64), "sd15-cfg+ip": ("SD1.5 b2 64x64 +IP-Plus", dict(SD15, ip=16), 2, 64),
          "sdxl-medium": ("SDXL-medium b2 64x64", SDXL_MEDIUM, 2, 64),
          "sdxl": ("SDXL b1 128x128", SDXL, 1, 128)}
 
@@ -52,9 +55,37 @@ def peak_rss_mb():
         return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
 
 
+def add_ip_adapter_plus(unet, cfg, tokens):
+    """IP-Adapter-Plus modules as diffusers' load_ip_adapter installs them (random weights)."""
+    from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
+    from diffusers.models.embeddings import IPAdapterPlusImageProjection, MultiIPAdapterImageProjection
+    cross, ch = cfg["cross_attention_dim"], list(cfg["block_out_channels"])
+    procs = {}
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor"):
+            procs[name] = AttnProcessor2_0()
+            continue
+        if name.startswith("mid_block"):
+            hidden = ch[-1]
+        elif name.startswith("up_blocks"):
+            hidden = list(reversed(ch))[int(name[len("up_blocks.")])]
+        else:
+            hidden = ch[int(name[len("down_blocks.")])]
+        procs[name] = IPAdapterAttnProcessor2_0(hidden_size=hidden, cross_attention_dim=cross, num_tokens=(tokens,))
+    unet.set_attn_processor(procs)
+    unet.encoder_hid_proj = MultiIPAdapterImageProjection(
+        [IPAdapterPlusImageProjection(embed_dims=1280, output_dims=cross, hidden_dims=cross, heads=cross // 64,
+                                      num_queries=tokens)])
+    unet.config.encoder_hid_dim_type = "ip_image_proj"
+
+
 def time_diffusers(cfg, batch, size, iters, warmup):
     torch.manual_seed(0)
+    cfg = dict(cfg)
+    ip = cfg.pop("ip", 0)
     unet = UNet2DConditionModel(**cfg).eval()
+    if ip:
+        add_ip_adapter_plus(unet, cfg, ip)
     x = torch.randn(batch, 4, size, size)
     t = torch.full((batch,), 500.0)
     ctx = torch.randn(batch, 77, cfg["cross_attention_dim"])
@@ -63,6 +94,8 @@ def time_diffusers(cfg, batch, size, iters, warmup):
         pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
         added = {"text_embeds": torch.randn(batch, pooled),
                  "time_ids": torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]]).repeat(batch, 1)}
+    if ip:
+        added = dict(added or {}, image_embeds=[torch.randn(batch, 1, 257, 1280)])
     times = []
     with torch.no_grad():
         for i in range(warmup + iters):
@@ -75,11 +108,14 @@ def time_diffusers(cfg, batch, size, iters, warmup):
 
 
 def time_loracast(cfg, batch, size, iters, warmup, threads):
+    cfg = dict(cfg)
+    ip = cfg.pop("ip", 0)
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(cfg, f)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     out = subprocess.check_output([BIN, "bench", "unet", "--config", f.name, "--batch", str(batch),
-                                   "--size", str(size), "--iters", str(iters), "--warmup", str(warmup)],
+                                   "--size", str(size), "--iters", str(iters), "--warmup", str(warmup),
+                                   "--ip-tokens", str(ip)],
                                   env=env, text=True)
     os.unlink(f.name)
     r = json.loads(out.strip().splitlines()[-1])

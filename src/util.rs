@@ -49,6 +49,36 @@ pub fn init_threads() {
 /// libtorch has one global CPU generator (tch exposes no generator objects). Every seeded
 /// sequence of draws (a generation, a training run) holds this lock so concurrent callers in one
 /// process cannot interleave their draws; it is re-entrant, so nested seeded work is fine.
+/// While a [`LoadingWeights`] guard lives on this thread, the shared layer constructors
+/// ([`init`]) fill new weights with zeros instead of drawing their random init: the model is about
+/// to be overwritten by a strict load, and SDXL's 2.6 B random draws cost more than reading the
+/// file.
+pub struct LoadingWeights(bool);
+
+thread_local! {
+    static LOADING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+impl LoadingWeights {
+    pub fn begin() -> Self {
+        Self(LOADING.with(|l| l.replace(true)))
+    }
+}
+
+impl Drop for LoadingWeights {
+    fn drop(&mut self) {
+        LOADING.with(|l| l.set(self.0));
+    }
+}
+
+/// `init`, or zeros while weights are being loaded ([`LoadingWeights`]).
+pub fn init(init: tch::nn::Init) -> tch::nn::Init {
+    match LOADING.with(|l| l.get()) {
+        true => tch::nn::Init::Const(0.0),
+        false => init,
+    }
+}
+
 pub fn rng_lock() -> parking_lot::ReentrantMutexGuard<'static, ()> {
     static LOCK: parking_lot::ReentrantMutex<()> = parking_lot::ReentrantMutex::new(());
     LOCK.lock()

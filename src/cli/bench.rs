@@ -11,7 +11,7 @@ use clap::{Args, Subcommand};
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::lora::{LoraSet, LoraWeights};
-use crate::models::unet::{AddedCond, UNet2DConditionModel, UNetCond, UNetConfig};
+use crate::models::unet::{AddedCond, ImageTokens, UNet2DConditionModel, UNetCond, UNetConfig};
 use crate::pipeline::Guidance;
 
 #[derive(Subcommand, Debug)]
@@ -41,6 +41,9 @@ pub struct UNetBenchArgs {
     /// Time a training step (forward + backward of mean ε²) instead of a forward.
     #[arg(long)]
     pub train: bool,
+    /// With IP-Adapter image tokens (this many per row, random to_k_ip/to_v_ip on every attn2).
+    #[arg(long, default_value_t = 0)]
+    pub ip_tokens: i64,
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
@@ -77,17 +80,36 @@ fn random_unet(config: &str) -> Result<(UNet2DConditionModel, nn::VarStore, i64)
     Ok((unet, vs, cross))
 }
 
-/// Random conditioning for `b` rows: text states `[b, tokens, cross]` and, for an SDXL UNet,
-/// pooled embeds and 1024² time ids.
+/// Random conditioning for `b` rows: text states `[b, tokens, cross]`, for an SDXL UNet pooled
+/// embeds and 1024² time ids, and `ip_tokens` IP-Adapter image tokens per row.
 struct RandomCond {
     text: Tensor,
     added: Option<(Tensor, Tensor)>,
+    image: Option<ImageTokens>,
 }
 
 impl RandomCond {
-    fn new(unet: &UNet2DConditionModel, b: i64, tokens: i64, cross: i64) -> Self {
+    fn new(unet: &UNet2DConditionModel, b: i64, tokens: i64, cross: i64, ip_tokens: i64) -> Self {
         let opts = (Kind::Float, Device::Cpu);
+        let image = (ip_tokens > 0).then(|| {
+            let weights = unet
+                .lora_sites()
+                .iter()
+                .filter(|s| s.proj == crate::lora::Proj::K)
+                .map(|s| {
+                    let shape = [s.out_features as i64, cross];
+                    let w = || Tensor::randn(shape, opts) * 0.05;
+                    (s.transformer, (w(), w()))
+                })
+                .collect();
+            ImageTokens {
+                tokens: Tensor::randn([b, ip_tokens, cross], opts),
+                scale: Tensor::ones([b], opts),
+                weights: std::rc::Rc::new(weights),
+            }
+        });
         Self {
+            image,
             text: Tensor::randn([b, tokens, cross], opts),
             added: unet.added_embedding().map(|a| {
                 let ids = Tensor::from_slice(&[1024f32, 1024., 0., 0., 1024., 1024.]);
@@ -101,7 +123,7 @@ impl RandomCond {
 
     fn cond(&self) -> UNetCond<'_> {
         UNetCond {
-            image: None,
+            image: self.image.as_ref(),
             text: &self.text,
             added: self.added.as_ref().map(|(p, ids)| AddedCond {
                 text_embeds: p,
@@ -144,7 +166,7 @@ fn guidance(args: UNetBenchArgs) -> Result<()> {
     let t = Tensor::from(500.0f32);
     let step = |guidance: Guidance, rows: &[Option<(&LoraSet, f64)>]| -> Result<f64> {
         let n = rows.len() as i64;
-        let cond = RandomCond::new(&unet, n, args.tokens, cross);
+        let cond = RandomCond::new(&unet, n, args.tokens, cross, args.ip_tokens);
         let batch = rows
             .iter()
             .any(Option::is_some)
@@ -190,7 +212,7 @@ fn unet(args: UNetBenchArgs) -> Result<()> {
         opts,
     );
     let t = Tensor::full([args.batch], 500.0, opts);
-    let cond = RandomCond::new(&unet, args.batch, args.tokens, cross);
+    let cond = RandomCond::new(&unet, args.batch, args.tokens, cross, args.ip_tokens);
     let median = if args.train {
         median_time(args.warmup, args.iters, || {
             let loss = unet
@@ -214,6 +236,7 @@ fn unet(args: UNetBenchArgs) -> Result<()> {
         "{}",
         serde_json::json!({
             "impl": "loracast", "batch": args.batch, "size": args.size, "train": args.train,
+            "ip_tokens": args.ip_tokens,
             "threads": tch::get_num_threads(), "median_s": median,
             "params": vs.variables().values().map(|v| v.numel()).sum::<usize>(),
             "peak_rss_mb": peak_rss_mb(),

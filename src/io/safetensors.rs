@@ -79,6 +79,45 @@ impl SafeTensorsFile {
         Ok(t)
     }
 
+    /// Copies tensor `name` into `dst` (same shape; converted to `dst`'s dtype) straight from the
+    /// mapped file, without an intermediate tensor, then releases those pages.
+    pub fn copy_into(&self, name: &str, dst: &Tensor) -> Result<()> {
+        let st = self.tensors();
+        let view = st
+            .tensor(name)
+            .map_err(|_| anyhow!("{}: no tensor {name:?}", self.path.display()))?;
+        let kind = file_kind(view.dtype())
+            .with_context(|| format!("{}: {name}", self.path.display()))?;
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        if shape != dst.size() {
+            bail!(
+                "{}: tensor {name} has shape {shape:?}, expected {:?}",
+                self.path.display(),
+                dst.size()
+            );
+        }
+        let data = view.data();
+        let numel: i64 = shape.iter().product();
+        if numel > 0 {
+            // Row-major strides of `shape`.
+            let mut strides = vec![1i64; shape.len()];
+            for i in (0..shape.len().saturating_sub(1)).rev() {
+                strides[i] = strides[i + 1] * shape[i + 1];
+            }
+            // SAFETY: `data` holds exactly `numel` elements of `kind` (the header was validated
+            // against the file in `open`), the map outlives this borrowed tensor, which is only
+            // read by `copy_` and dropped before returning.
+            let src = unsafe {
+                Tensor::f_from_blob(data.as_ptr(), &shape, &strides, kind, tch::Device::Cpu)
+            }
+            .map_err(|e| anyhow!("{}: {name}: {e}", self.path.display()))?;
+            tch::no_grad(|| dst.shallow_clone().f_copy_(&src))
+                .map_err(|e| anyhow!("{}: {name}: {e}", self.path.display()))?;
+        }
+        self.release(data);
+        Ok(())
+    }
+
     /// Drops the mapped pages under `data` (a slice of this map) from the resident set.
     fn release(&self, data: &[u8]) {
         const PAGE: usize = 4096;
@@ -179,8 +218,7 @@ pub fn load_strict_aliased(
                 var.size()
             );
         }
-        let t = files[*fi].tensor(key, var.kind())?;
-        tch::no_grad(|| var.shallow_clone().copy_(&t));
+        files[*fi].copy_into(key, var)?;
         used.insert(key.as_str());
     }
     let unexpected: Vec<&String> = by_key

@@ -257,10 +257,10 @@ impl ClipTextModel {
         let _rng = crate::util::rng_lock();
         let act = cfg.validate()?;
         let emb = &vs / "embeddings";
-        let init = nn::Init::Randn {
+        let init = crate::util::init(nn::Init::Randn {
             mean: 0.0,
             stdev: 0.02,
-        };
+        });
         let c = cfg.hidden_size;
         Ok(Self {
             config: cfg.clone(),
@@ -476,6 +476,7 @@ fn load_component(
         .iter()
         .any(|n| n.starts_with("text_model."));
     let mut vs = nn::VarStore::new(device);
+    let _loading = crate::util::LoadingWeights::begin();
     let (model, proj) = if projection {
         let m = ClipTextModelWithProjection::new(vs.root(), &config, prefixed)?;
         (m.text_model, Some(m.text_projection))

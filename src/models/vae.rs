@@ -481,7 +481,10 @@ impl AutoencoderKL {
         let cfg: VaeConfig = folder.config("vae", "config.json")?;
         let files = folder.weights("vae", "diffusion_pytorch_model")?;
         let mut vs = nn::VarStore::new(device);
-        let vae = Self::new(vs.root(), &cfg)?;
+        let vae = {
+            let _loading = crate::util::LoadingWeights::begin();
+            Self::new(vs.root(), &cfg)?
+        };
         let keys: HashSet<String> = tensor_names(&files).into_iter().collect();
         // Deprecated attention names are read under the file's names.
         let aliases = legacy_attention_renames(&vs, &keys).into_iter().collect();

@@ -17,24 +17,12 @@ pub struct Linear {
 impl Linear {
     pub fn new(vs: nn::Path, in_features: i64, out_features: i64, bias: bool) -> Self {
         let bound = 1.0 / (in_features as f64).sqrt();
-        let weight = vs.var(
-            "weight",
-            &[out_features, in_features],
-            nn::Init::Uniform {
-                lo: -bound,
-                up: bound,
-            },
-        );
-        let bias = bias.then(|| {
-            vs.var(
-                "bias",
-                &[out_features],
-                nn::Init::Uniform {
-                    lo: -bound,
-                    up: bound,
-                },
-            )
+        let uniform = crate::util::init(nn::Init::Uniform {
+            lo: -bound,
+            up: bound,
         });
+        let weight = vs.var("weight", &[out_features, in_features], uniform);
+        let bias = bias.then(|| vs.var("bias", &[out_features], uniform));
         Self { weight, bias }
     }
 

@@ -11,10 +11,13 @@ use tch::{nn, Tensor};
 
 /// `nn.Conv2d` with diffusers' key names (`weight`, `bias`).
 pub fn conv2d(vs: nn::Path, cin: i64, cout: i64, k: i64, stride: i64, padding: i64) -> nn::Conv2D {
+    let d = nn::ConvConfig::default();
     let cfg = nn::ConvConfig {
         stride,
         padding,
-        ..Default::default()
+        ws_init: crate::util::init(d.ws_init),
+        bs_init: crate::util::init(d.bs_init),
+        ..d
     };
     nn::conv2d(vs, cin, cout, k, cfg)
 }

@@ -185,7 +185,10 @@ impl UNet2DConditionModel {
     pub fn load(folder: &DiffusersFolder, device: tch::Device) -> Result<(Self, nn::VarStore)> {
         let config = UNetConfig::from_json(folder.config("unet", "config.json")?)?;
         let mut vs = nn::VarStore::new(device);
-        let unet = Self::new(vs.root(), &config)?;
+        let unet = {
+            let _loading = crate::util::LoadingWeights::begin();
+            Self::new(vs.root(), &config)?
+        };
         let files = folder.weights("unet", "diffusion_pytorch_model")?;
         crate::io::safetensors::load_strict(&mut vs, &files, &[])?;
         vs.freeze();
