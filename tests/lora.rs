@@ -362,33 +362,25 @@ fn convert_is_reproducible_and_diffusers_agreed() {
             .join(format!("{}.{}.safetensors", e.source, e.format));
         let input = common::fixtures().join(&e.source);
         let base = common::pipeline(&e.pipeline);
-        let o = common::loracast(&[
-            "lora",
-            "convert",
-            input.to_str().unwrap(),
-            "--to",
-            &e.format,
-            "--out",
-            out.to_str().unwrap(),
-            "--base",
-            base.to_str().unwrap(),
-        ]);
-        assert!(o.status.success(), "{}", common::stderr(&o));
+        let convert = |out: &Path| {
+            let o = common::loracast(&[
+                "lora",
+                "convert",
+                input.to_str().unwrap(),
+                "--to",
+                &e.format,
+                "--out",
+                out.to_str().unwrap(),
+                "--base",
+                base.to_str().unwrap(),
+            ]);
+            assert!(o.status.success(), "{}", common::stderr(&o));
+        };
+        convert(&out);
         // Reproducible: a second conversion on this machine gives the same bytes. (Bytes are
         // compared only between two runs here, never against a digest recorded on another CPU.)
         let again = dir.path().join("again.safetensors");
-        let o = common::loracast(&[
-            "lora",
-            "convert",
-            input.to_str().unwrap(),
-            "--to",
-            &e.format,
-            "--out",
-            again.to_str().unwrap(),
-            "--base",
-            base.to_str().unwrap(),
-        ]);
-        assert!(o.status.success(), "{}", common::stderr(&o));
+        convert(&again);
         assert!(
             std::fs::read(&out).unwrap() == std::fs::read(&again).unwrap(),
             "{} → {}: two conversions differ",
@@ -745,7 +737,7 @@ fn bad_lora_inputs_fail_with_one_clear_error() {
             out_l.to_str().unwrap(),
         ],
         Some(&out_l),
-        "expected peft or kohya",
+        "expected peft, kohya or kohya-ldm",
     );
 }
 

@@ -86,8 +86,8 @@ impl SafeTensorsFile {
         let view = st
             .tensor(name)
             .map_err(|_| anyhow!("{}: no tensor {name:?}", self.path.display()))?;
-        let kind = file_kind(view.dtype())
-            .with_context(|| format!("{}: {name}", self.path.display()))?;
+        let kind =
+            file_kind(view.dtype()).with_context(|| format!("{}: {name}", self.path.display()))?;
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
         if shape != dst.size() {
             bail!(

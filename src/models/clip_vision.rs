@@ -428,8 +428,9 @@ impl ClipVisionModelWithProjection {
 pub struct ClipModel {
     pub config: ClipConfig,
     pub text_model: ClipTextModel,
-    pub vision_model: ClipVisionModel,
-    visual_projection: Linear,
+    /// `vision_model.…` and `visual_projection` (the same keys as a
+    /// `CLIPVisionModelWithProjection`).
+    pub vision: ClipVisionModelWithProjection,
     text_projection: Linear,
 }
 
@@ -449,13 +450,13 @@ impl ClipModel {
         Ok(Self {
             config: cfg.clone(),
             text_model: ClipTextModel::new_at(&vs / "text_model", &cfg.text_config)?,
-            vision_model: ClipVisionModel::new(&vs / "vision_model", &cfg.vision_config)?,
-            visual_projection: Linear::new(
-                &vs / "visual_projection",
-                cfg.vision_config.hidden_size,
-                cfg.projection_dim,
-                false,
-            ),
+            vision: ClipVisionModelWithProjection::new(
+                vs.clone(),
+                &ClipVisionWithProjectionConfig {
+                    vision: cfg.vision_config.clone(),
+                    projection_dim: cfg.projection_dim,
+                },
+            )?,
             text_projection: Linear::new(
                 &vs / "text_projection",
                 cfg.text_config.hidden_size,
@@ -483,9 +484,7 @@ impl ClipModel {
 
     /// `image_embeds` `[B, projection_dim]` (unnormalized) of `pixel_values`.
     pub fn image_embeds(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        Ok(self
-            .visual_projection
-            .forward(&self.vision_model.forward(pixel_values)?))
+        self.vision.image_embeds(pixel_values)
     }
 
     /// `text_embeds` `[B, projection_dim]` (unnormalized) of token ids `[B, L]`: the final
