@@ -81,10 +81,15 @@ pub const MAX_PIXELS: u64 = 64 * 1024 * 1024;
 pub fn read_rgb8(path: &Path) -> Result<(u32, u32, Vec<u8>)> {
     let shown = path.display();
     let bytes = std::fs::read(path).with_context(|| format!("cannot read image {shown}"))?;
+    decode_rgb8(&bytes, &shown.to_string())
+}
+
+/// [`read_rgb8`] on the bytes of an image file; `shown` names it in messages.
+pub fn decode_rgb8(bytes: &[u8], shown: &str) -> Result<(u32, u32, Vec<u8>)> {
     if bytes.is_empty() {
         bail!("image {shown}: the file is empty");
     }
-    let reader = image::ImageReader::new(std::io::Cursor::new(&bytes))
+    let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .with_context(|| format!("cannot read image {shown}"))?;
     if reader.format().is_none() {
