@@ -599,6 +599,41 @@ fn declared_sizes_are_checked_before_allocation() {
     assert!(e.contains("\"a\" appears twice"), "{e}");
 }
 
+/// A config whose weights would not fit in its weights file is refused before the model is
+/// built (found by the `configs` fuzzer: a VAE with 49994 latent channels allocated 40 GB).
+#[test]
+fn configs_larger_than_their_weights_are_refused_before_building() {
+    let dir = tempfile::tempdir().unwrap();
+    let vae = dir.path().join("vae");
+    std::fs::create_dir_all(&vae).unwrap();
+    std::fs::write(dir.path().join("model_index.json"), "{}").unwrap();
+    let (_, weights) = fuzzing::seeds::safetensors()
+        .unwrap()
+        .into_iter()
+        .find(|(n, _)| n == "vae")
+        .unwrap();
+    std::fs::write(
+        vae.join("diffusion_pytorch_model.safetensors"),
+        &weights[1..],
+    )
+    .unwrap();
+    let mut cfg = serde_json::to_value(fuzzing::tiny_vae_config()).unwrap();
+    cfg["latent_channels"] = 49994.into();
+    std::fs::write(vae.join("config.json"), cfg.to_string()).unwrap();
+    let folder = loracast::io::DiffusersFolder::open(dir.path()).unwrap();
+    let t = Instant::now();
+    let e = loracast::models::vae::AutoencoderKL::load(&folder, tch::Device::Cpu)
+        .err()
+        .expect("refused");
+    let e = format!("{e:#}");
+    assert!(t.elapsed() < Duration::from_secs(2), "slow refusal");
+    assert!(
+        e.starts_with("vae/config.json declares at least")
+            && e.contains("do the config and the weights belong together?"),
+        "{e}"
+    );
+}
+
 #[test]
 fn unknown_dtype_is_one_short_line() {
     let e = open_err(one_tensor(

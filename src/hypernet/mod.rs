@@ -38,6 +38,8 @@ use crate::models::vit::{ViTConfig, ViTModel};
 pub const MIN_IMAGE_SIDE: u32 = 16;
 
 const FORMAT: &str = "loracast-hypernet-v1";
+/// The most values LiDB's frozen bases may hold (SD1.5's 48 sites with a = 100, b = 50: 9.2M).
+const MAX_LIDB_VALUES: u128 = 1 << 25;
 
 /// Fails on images too small to show a subject (sides below [`MIN_IMAGE_SIDE`]).
 pub fn check_image_size(img: &RgbImage) -> Result<()> {
@@ -225,6 +227,20 @@ impl HypernetConfig {
         if let Some(l) = &d.lidb {
             check_range(WHAT, "decoder.lidb.a", l.a, 1, MAX_WIDTH)?;
             check_range(WHAT, "decoder.lidb.b", l.b, 1, MAX_WIDTH)?;
+            // The frozen bases are rebuilt from the seed, not read from the file: bound them.
+            let values = self
+                .sites
+                .iter()
+                .map(|s| {
+                    let (a, b) = l.dims(s);
+                    let io = |x: usize| i64::try_from(x).unwrap_or(i64::MAX);
+                    crate::models::params(&[a, io(s.in_features)])
+                        .saturating_add(crate::models::params(&[b, io(s.out_features)]))
+                })
+                .fold(0u128, u128::saturating_add);
+            if values > MAX_LIDB_VALUES {
+                bail!("{WHAT}: decoder.lidb bases for these sites hold {values} values, more than {MAX_LIDB_VALUES}");
+            }
         }
         if self.sites.len() > 1 << 16 {
             bail!("{WHAT}: {} sites, more than any UNet has", self.sites.len());

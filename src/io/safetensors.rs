@@ -116,9 +116,10 @@ pub fn check_header(bytes: &[u8], what: &str) -> Result<()> {
     let mut ranges: Vec<(u64, u64, &str)> = Vec::new();
     for (name, entry) in &entries {
         if name == "__metadata__" {
-            let ok = entry
-                .as_object()
-                .is_some_and(|m| m.values().all(serde_json::Value::is_string));
+            let ok = entry.is_null()
+                || entry
+                    .as_object()
+                    .is_some_and(|m| m.values().all(serde_json::Value::is_string));
             if !ok {
                 bail!("{what}: __metadata__ must map names to strings");
             }
@@ -169,9 +170,11 @@ pub fn check_header(bytes: &[u8], what: &str) -> Result<()> {
                 )))
             }
             Some(b) if b / 8 <= data_len => b / 8,
-            _ => return Err(bad(format!(
+            _ => {
+                return Err(bad(format!(
                 "declares {numel} elements, more than the {data_len} data bytes of the file hold"
-            ))),
+            )))
+            }
         };
         if end - begin != bytes_needed {
             return Err(bad(format!(

@@ -189,12 +189,15 @@ impl ClipVisionConfig {
         Ok(act)
     }
 
-    /// A lower bound on the weight count (patch embedding, attention and MLP matrices).
+    /// A lower bound on the weight count (patch and position embeddings, attention and MLP
+    /// matrices).
     pub fn min_params(&self) -> u128 {
         use crate::models::params;
         let (h, i, p) = (self.hidden_size, self.intermediate_size, self.patch_size);
         let per_layer = params(&[4, h, h]).saturating_add(params(&[2, h, i]));
+        let grid = self.image_size / p.max(1);
         params(&[self.num_channels, p, p, h])
+            .saturating_add(params(&[grid, grid, h]))
             .saturating_add(per_layer.saturating_mul(self.num_hidden_layers.max(0) as u128))
     }
 }
@@ -233,11 +236,13 @@ impl ClipConfig {
         Ok(())
     }
 
-    /// A lower bound on the weight count of both towers.
+    /// A lower bound on the weight count of both towers and the projections.
     pub fn min_params(&self) -> u128 {
+        let widths = self.text_config.hidden_size + self.vision_config.hidden_size;
         self.text_config
             .min_params()
             .saturating_add(self.vision_config.min_params())
+            .saturating_add(crate::models::params(&[self.projection_dim, widths]))
     }
 
     /// A tiny CLIPModel for tests (the fixture's shape, tiny-b's 1000-token vocabulary).

@@ -82,12 +82,26 @@ impl VaeConfig {
         }
     }
 
-    /// A lower bound on the weight count (the second 3×3 convolution of each encoder resnet),
-    /// to compare with the weights file before anything is allocated.
+    /// A lower bound on the weight count, to compare with the weights file before anything is
+    /// allocated: the encoder's and decoder's input and output convolutions (which the image and
+    /// latent channels scale) and the second 3×3 convolution of each encoder resnet.
     pub fn min_params(&self) -> u128 {
-        self.block_out_channels
-            .iter()
-            .map(|&c| crate::models::params(&[9, c, c, self.layers_per_block]))
+        use crate::models::params;
+        let ch = &self.block_out_channels;
+        let (first, last) = (
+            ch.first().copied().unwrap_or(0),
+            ch.last().copied().unwrap_or(0),
+        );
+        let l = self.latent_channels;
+        let convs = [
+            params(&[9, self.in_channels, first]),
+            params(&[9, first, self.out_channels]),
+            params(&[9, last, 2, l]),
+            params(&[9, l, last]),
+        ];
+        ch.iter()
+            .map(|&c| params(&[9, c, c, self.layers_per_block]))
+            .chain(convs)
             .fold(0, u128::saturating_add)
     }
 

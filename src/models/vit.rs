@@ -306,7 +306,6 @@ impl ViTModel {
     pub fn load(dir: &Path, device: Device) -> Result<(Self, nn::VarStore)> {
         let (config, files): (ViTConfig, _) = super::clip_vision::open_hf_folder(dir, "ViT")?;
         config.validate()?;
-        crate::io::safetensors::check_size_budget(&files, config.min_params(), "ViT config.json")?;
         let names = crate::io::safetensors::tensor_names(&files);
         let prefix = if names.iter().any(|n| n.starts_with("vit.")) {
             "vit."
@@ -316,6 +315,15 @@ impl ViTModel {
         let pooler = names
             .iter()
             .any(|n| *n == format!("{prefix}pooler.dense.weight"));
+        let pooler_params = match pooler {
+            true => crate::models::params(&[
+                config.pooler_output_size.unwrap_or(config.hidden_size),
+                config.hidden_size,
+            ]),
+            false => 0,
+        };
+        let min_params = config.min_params().saturating_add(pooler_params);
+        crate::io::safetensors::check_size_budget(&files, min_params, "ViT config.json")?;
         let mut vs = nn::VarStore::new(device);
         let root = match prefix {
             "" => vs.root(),

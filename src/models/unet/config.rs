@@ -406,18 +406,28 @@ impl UNetConfig {
         Ok(())
     }
 
-    /// A lower bound on the UNet's weight count (the second 3×3 convolution of each down-block
-    /// resnet and the cross-attention key/value projections), to compare with the weights file
-    /// before anything is allocated.
+    /// A lower bound on the UNet's weight count, to compare with the weights file before
+    /// anything is allocated: `conv_in`/`conv_out`, the second 3×3 convolution of each down-block
+    /// resnet, and the cross-attention key/value projections of the down, mid and up blocks
+    /// (each term a config value scales, so no value can make the model large and the bound small).
     pub fn min_params(&self, layout: &UNetLayout) -> u128 {
         use crate::models::params;
-        let mut total = 0u128;
-        for (i, &c) in self.block_out_channels.iter().enumerate() {
+        let ch = &self.block_out_channels;
+        let n = ch.len();
+        let attn =
+            |i: usize| params(&[2, layout.cross_dims[i], ch[i], layout.transformer_layers[i]]);
+        let mut total = params(&[9, self.in_channels, ch[0]])
+            .saturating_add(params(&[9, ch[0], self.out_channels]))
+            .saturating_add(attn(n - 1));
+        for (i, &c) in ch.iter().enumerate() {
             total = total.saturating_add(params(&[9, c, c, layout.layers[i]]));
-            if self.down_block_types.get(i).map(String::as_str) == Some("CrossAttnDownBlock2D") {
-                let t = layout.transformer_layers[i];
-                let cross = params(&[2, layout.cross_dims[i], c, t, layout.layers[i]]);
-                total = total.saturating_add(cross);
+            if self.down_block_types[i] == "CrossAttnDownBlock2D" {
+                total = total.saturating_add(attn(i).saturating_mul(layout.layers[i] as u128));
+            }
+            // Up blocks read per-block values in reverse, with one more layer.
+            if self.up_block_types[n - 1 - i] == "CrossAttnUpBlock2D" {
+                let layers = layout.layers[i] as u128 + 1;
+                total = total.saturating_add(attn(i).saturating_mul(layers));
             }
         }
         total
