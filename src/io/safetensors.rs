@@ -281,7 +281,7 @@ pub fn check_size_budget(files: &[SafeTensorsFile], min_params: u128, what: &str
     if min_params > bytes {
         let names: Vec<String> = files.iter().map(|f| f.path.display().to_string()).collect();
         bail!(
-            "{what} declares at least {min_params} weights but {} holds only {bytes} bytes of tensor data; do the config and the weights belong together?",
+            "{what} declares at least {min_params} weights but {} holds only {bytes} bytes of tensor data: the config and the weights do not match",
             names.join(", ")
         );
     }
