@@ -8,6 +8,7 @@ pub mod cli;
 pub mod data;
 pub mod diffusion;
 pub mod eval;
+pub mod fuzzing;
 pub mod hypernet;
 pub mod io;
 pub mod lora;

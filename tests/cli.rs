@@ -2,6 +2,8 @@
 //! clear line, a non-zero exit, and no output file.
 mod common;
 
+use std::path::Path;
+
 #[test]
 fn generate_writes_the_diffusers_image() {
     let dir = tempfile::tempdir().unwrap();
@@ -114,4 +116,68 @@ fn bad_generate_inputs_fail_cleanly() {
         }
         run(p.to_str().unwrap(), &[], needle);
     }
+}
+
+/// Mutated user files (issue 14's two known classes) fail with one line naming the key or the
+/// tensor and the dtype, exit non-zero, and print no C++ stack trace.
+#[test]
+fn mutated_user_files_fail_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.png");
+    let o = out.to_str().unwrap();
+    let generate = |base: &Path, needle: &str| {
+        let args = [
+            "generate",
+            "--base",
+            base.to_str().unwrap(),
+            "--prompt",
+            "p",
+            "--steps",
+            "2",
+            "--out",
+            o,
+        ];
+        common::assert_fails(&args, Some(&out), needle);
+    };
+
+    // A UNet config.json with cross_attention_dim 0 (once an unwrap on a libtorch error).
+    let copy = common::copy_pipeline("tiny-b");
+    common::edit_json(&copy.path().join("unet/config.json"), |v| {
+        v["cross_attention_dim"] = 0.into();
+    });
+    generate(
+        copy.path(),
+        "unet config: cross_attention_dim must be ≥ 1, got 0",
+    );
+
+    // A weights file whose header gives a tensor an unknown dtype (once a 400-character serde
+    // line listing every dtype).
+    let copy = common::copy_pipeline("tiny-b");
+    let w = copy.path().join("unet/diffusion_pytorch_model.safetensors");
+    let mut bytes = std::fs::read(&w).unwrap();
+    let at = 9 + bytes
+        .windows(9)
+        .position(|s| s == br#""dtype":""#)
+        .expect("a dtype");
+    let len = bytes[at..].iter().position(|&b| b == b'"').unwrap();
+    // "F16" → "Q4" and a space: the header keeps its length.
+    let new = [&b"Q4\""[..], &vec![b' '; len - 2]].concat();
+    bytes[at..at + len + 1].copy_from_slice(&new);
+    std::fs::write(&w, &bytes).unwrap();
+    generate(copy.path(), r#"has unsupported dtype "Q4""#);
+
+    // The same in a LoRA file, whole line checked.
+    let lora = dir.path().join("x.safetensors");
+    let header = br#"{"a.weight":{"dtype":"Q4","shape":[4],"data_offsets":[0,16]}}"#;
+    let mut file = (header.len() as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(header);
+    file.extend_from_slice(&[0; 16]);
+    std::fs::write(&lora, &file).unwrap();
+    let lora = lora.to_str().unwrap();
+    let o = common::loracast(&["lora", "info", lora]);
+    assert!(!o.status.success());
+    assert_eq!(
+        common::stderr(&o).trim_end(),
+        format!(r#"error: {lora}: tensor "a.weight" has unsupported dtype "Q4""#)
+    );
 }

@@ -103,7 +103,9 @@ pub fn main() -> i32 {
     match result {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // One line: a libtorch error carries its C++ stack trace on the following lines.
+            let msg = format!("{e:#}");
+            eprintln!("error: {}", msg.lines().next().unwrap_or("unknown error"));
             1
         }
     }

@@ -417,7 +417,71 @@ fn resolve(json: &Value, own_class: &str, target_class: &str) -> Result<Schedule
                 None => anyhow::anyhow!("{target_class} config: {e}"),
             }
         })?;
+    cfg.validate()
+        .map_err(|e| anyhow::anyhow!("{target_class} config: {e}"))?;
     Ok(cfg)
+}
+
+/// The most training timesteps a schedule may have (diffusers' configs use 1000).
+pub const MAX_TRAIN_TIMESTEPS: usize = 1 << 20;
+
+impl SchedulerConfig {
+    /// Every size and number the samplers compute with, each named by its key: a value that
+    /// would overflow an index, allocate without bound or turn the schedule into NaN is an
+    /// error here rather than deep inside a sampler.
+    pub fn validate(&self) -> Result<()> {
+        let t = self.num_train_timesteps;
+        if !(2..=MAX_TRAIN_TIMESTEPS).contains(&t) {
+            bail!("num_train_timesteps must be in [2, {MAX_TRAIN_TIMESTEPS}], got {t}");
+        }
+        if self.steps_offset >= t {
+            bail!(
+                "steps_offset must be < num_train_timesteps ({t}), got {}",
+                self.steps_offset
+            );
+        }
+        for (key, v) in [("beta_start", self.beta_start), ("beta_end", self.beta_end)] {
+            if !(v.is_finite() && (0.0..1.0).contains(&v)) {
+                bail!("{key} must be a number in [0, 1), got {v}");
+            }
+        }
+        if let Some(b) = &self.trained_betas {
+            if let Some((i, v)) = b
+                .iter()
+                .enumerate()
+                .find(|(_, v)| !(v.is_finite() && (0.0..1.0).contains(*v)))
+            {
+                bail!("trained_betas[{i}] must be a number in [0, 1), got {v}");
+            }
+        }
+        for (key, v) in [
+            ("clip_sample_range", self.clip_sample_range),
+            ("sample_max_value", self.sample_max_value),
+            ("flow_shift", self.flow_shift),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                bail!("{key} must be a finite number > 0, got {v}");
+            }
+        }
+        if !(self.dynamic_thresholding_ratio > 0.0 && self.dynamic_thresholding_ratio <= 1.0) {
+            bail!(
+                "dynamic_thresholding_ratio must be in (0, 1], got {}",
+                self.dynamic_thresholding_ratio
+            );
+        }
+        for (key, v) in [("sigma_min", self.sigma_min), ("sigma_max", self.sigma_max)] {
+            if let Some(v) = v.filter(|v| !(v.is_finite() && *v > 0.0)) {
+                bail!("{key} must be a finite number > 0, got {v}");
+            }
+        }
+        if self.lambda_min_clipped.is_nan() {
+            bail!("lambda_min_clipped must be a number or -Infinity, got NaN");
+        }
+        if self.solver_order > 3 {
+            bail!("solver_order must be 1, 2 or 3, got {}", self.solver_order);
+        }
+        Ok(())
+    }
 }
 
 fn bool_or_null<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {

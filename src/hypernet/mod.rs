@@ -38,6 +38,8 @@ use crate::models::vit::{ViTConfig, ViTModel};
 pub const MIN_IMAGE_SIDE: u32 = 16;
 
 const FORMAT: &str = "loracast-hypernet-v1";
+/// The most values LiDB's frozen bases may hold (SD1.5's 48 sites with a = 100, b = 50: 9.2M).
+const MAX_LIDB_VALUES: u128 = 1 << 25;
 
 /// Fails on images too small to show a subject (sides below [`MIN_IMAGE_SIDE`]).
 pub fn check_image_size(img: &RgbImage) -> Result<()> {
@@ -181,7 +183,77 @@ impl HypernetConfig {
             .context("hypernetwork preprocessing")
     }
 
-    fn validate(&self) -> Result<()> {
+    /// A lower bound on the weight count (the decoder's heads and input projections, its
+    /// layers, and the encoder), to compare with the file before anything is allocated.
+    pub fn min_params(&self) -> u128 {
+        use crate::models::params;
+        let d = &self.decoder;
+        let w = d.width;
+        let heads = self
+            .matrices()
+            .iter()
+            .map(|m| params(&[2, m.rows, m.cols, w]))
+            .fold(0, u128::saturating_add);
+        let layer = params(&[8, w, w]).saturating_add(params(&[2, w, d.intermediate]));
+        heads
+            .saturating_add(layer.saturating_mul(d.layers.max(0) as u128))
+            .saturating_add(params(&[self.encoder.hidden_size, w]))
+            .saturating_add(self.encoder.min_params())
+    }
+
+    /// Every size of the config, each named by its key (the config comes from a file).
+    pub fn validate(&self) -> Result<()> {
+        use crate::models::{check_range, MAX_DEPTH, MAX_WIDTH};
+        const WHAT: &str = "hypernetwork config";
+        self.encoder.validate()?;
+        let d = &self.decoder;
+        for (key, v, min, max) in [
+            ("decoder.rank", d.rank, 1, 1 << 12),
+            ("decoder.width", d.width, 1, MAX_WIDTH),
+            ("decoder.layers", d.layers, 1, MAX_DEPTH),
+            ("decoder.heads", d.heads, 1, MAX_WIDTH),
+            ("decoder.intermediate", d.intermediate, 1, 4 * MAX_WIDTH),
+            ("decoder.rounds", d.rounds, 1, MAX_DEPTH),
+        ] {
+            check_range(WHAT, key, v, min, max)?;
+        }
+        if d.width % d.heads != 0 {
+            bail!(
+                "{WHAT}: decoder.width {} is not divisible by decoder.heads {}",
+                d.width,
+                d.heads
+            );
+        }
+        if let Some(l) = &d.lidb {
+            check_range(WHAT, "decoder.lidb.a", l.a, 1, MAX_WIDTH)?;
+            check_range(WHAT, "decoder.lidb.b", l.b, 1, MAX_WIDTH)?;
+            // The frozen bases are rebuilt from the seed, not read from the file: bound them.
+            let values = self
+                .sites
+                .iter()
+                .map(|s| {
+                    let (a, b) = l.dims(s);
+                    let io = |x: usize| i64::try_from(x).unwrap_or(i64::MAX);
+                    crate::models::params(&[a, io(s.in_features)])
+                        .saturating_add(crate::models::params(&[b, io(s.out_features)]))
+                })
+                .fold(0u128, u128::saturating_add);
+            if values > MAX_LIDB_VALUES {
+                bail!("{WHAT}: decoder.lidb bases for these sites hold {values} values, more than {MAX_LIDB_VALUES}");
+            }
+        }
+        if self.sites.len() > 1 << 16 {
+            bail!("{WHAT}: {} sites, more than any UNet has", self.sites.len());
+        }
+        for (i, s) in self.sites.iter().enumerate() {
+            for (key, v) in [
+                ("in_features", s.in_features),
+                ("out_features", s.out_features),
+            ] {
+                let v = i64::try_from(v).unwrap_or(i64::MAX);
+                check_range(WHAT, &format!("sites[{i}].{key}"), v, 1, MAX_WIDTH)?;
+            }
+        }
         if self.decoder.rank < 1 || !self.decoder.alpha.is_finite() || self.decoder.alpha <= 0.0 {
             bail!("hypernetwork: rank must be ≥ 1 and alpha positive");
         }
@@ -247,7 +319,14 @@ impl Hypernetwork {
         if !path.is_file() {
             bail!("hypernetwork {shown}: no such file");
         }
-        let file = SafeTensorsFile::open(path)?;
+        Self::load_file(&SafeTensorsFile::open(path)?, device)
+    }
+
+    /// [`Self::load`] on an opened (or in-memory) safetensors file. The config in the metadata
+    /// is validated, and the weights it implies are checked against the file's data size,
+    /// before any variable is allocated.
+    pub fn load_file(file: &SafeTensorsFile, device: Device) -> Result<(Self, nn::VarStore)> {
+        let shown = file.path().display();
         let meta = file.metadata()?.unwrap_or_default();
         if meta.get("format").map(String::as_str) != Some(FORMAT) {
             bail!("{shown} is not a loracast hypernetwork (no {FORMAT:?} in its metadata)");
@@ -257,9 +336,17 @@ impl Hypernetwork {
             .context("no config in the metadata")
             .and_then(|c| serde_json::from_str(c).context("unreadable config"))
             .with_context(|| format!("hypernetwork {shown}"))?;
+        config
+            .validate()
+            .with_context(|| format!("hypernetwork {shown}"))?;
+        crate::io::safetensors::check_size_budget(
+            std::slice::from_ref(file),
+            config.min_params(),
+            "the hypernetwork config",
+        )?;
         let mut vs = nn::VarStore::new(device);
         let model = Self::new(&vs.root(), &config)?;
-        load_strict(&mut vs, std::slice::from_ref(&file), &[])
+        load_strict(&mut vs, std::slice::from_ref(file), &[])
             .with_context(|| format!("hypernetwork {shown}"))?;
         vs.freeze();
         Ok((model, vs))

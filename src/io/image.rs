@@ -83,6 +83,11 @@ pub const MAX_PIXELS: u64 = 64 * 1024 * 1024;
 pub fn read_rgb8(path: &Path) -> Result<(u32, u32, Vec<u8>)> {
     let shown = path.display();
     let bytes = std::fs::read(path).with_context(|| format!("cannot read image {shown}"))?;
+    decode_rgb8(&bytes, &shown.to_string())
+}
+
+/// [`read_rgb8`] on the bytes of an image file; `shown` names it in messages.
+pub fn decode_rgb8(bytes: &[u8], shown: &str) -> Result<(u32, u32, Vec<u8>)> {
     if bytes.is_empty() {
         bail!("image {shown}: the file is empty");
     }
@@ -95,7 +100,7 @@ pub fn read_rgb8(path: &Path) -> Result<(u32, u32, Vec<u8>)> {
             max_side: MAX_SIDE,
             max_pixels: MAX_PIXELS,
         };
-        let jpeg = crate::io::jpeg::decode(&bytes, &limits).map_err(|e| match e {
+        let jpeg = crate::io::jpeg::decode(bytes, &limits).map_err(|e| match e {
             crate::io::jpeg::Error::TooLarge { width, height } => too_large(width, height),
             crate::io::jpeg::Error::Empty { .. } => anyhow::anyhow!("image {shown}: {e}"),
             crate::io::jpeg::Error::Corrupt(msg) => {
@@ -115,7 +120,7 @@ pub fn read_rgb8(path: &Path) -> Result<(u32, u32, Vec<u8>)> {
         let rgb = img.into_rgb8();
         return Ok((rgb.width(), rgb.height(), rgb.into_raw()));
     }
-    let reader = image::ImageReader::new(std::io::Cursor::new(&bytes))
+    let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .with_context(|| format!("cannot read image {shown}"))?;
     if reader.format() != Some(image::ImageFormat::Png) {

@@ -31,10 +31,10 @@ pub struct RgbImage {
 
 impl RgbImage {
     pub fn new(width: u32, height: u32, data: Vec<u8>) -> Result<Self> {
-        if data.len() != width as usize * height as usize * 3 {
+        if data.len() as u64 != width as u64 * height as u64 * 3 {
             bail!(
                 "RGB image {width}x{height} needs {} bytes, got {}",
-                width * height * 3,
+                width as u64 * height as u64 * 3,
                 data.len()
             );
         }
@@ -151,6 +151,17 @@ fn parse_size(v: &serde_json::Value, square: bool) -> Result<Size> {
     } else {
         bail!("size {v}: expected {{\"shortest_edge\": N}}, {{\"height\", \"width\"}} or an int");
     };
+    let max = crate::io::image::MAX_SIDE as u64;
+    let get = |k: &str| v.get(k).and_then(|x| x.as_u64());
+    let raw = [
+        v.as_u64(),
+        get("height"),
+        get("width"),
+        get("shortest_edge"),
+    ];
+    if let Some(big) = raw.into_iter().flatten().find(|&x| x > max) {
+        bail!("size {v}: {big} is more than {max} pixels");
+    }
     match size {
         Size::ShortestEdge(0) | Size::Exact { height: 0, .. } | Size::Exact { width: 0, .. } => {
             bail!("size {v} must be ≥ 1")

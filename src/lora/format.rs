@@ -150,6 +150,24 @@ struct Parts {
     alpha: Option<(String, f64)>,
 }
 
+/// The grammar of LoRA tensor names (for the fuzzers and mutation tests): `Ok` with the site
+/// and role of the parsed key, or `Err` saying why the key is not supported.
+pub fn parse_key_debug(key: &str, layers_per_block: i64) -> Result<String, String> {
+    keys::parse_key(key, layers_per_block).map(|k| format!("{:?} {:?}", k.site, k.role))
+}
+
+/// The key [`read_lora`] would read back for a parsed key, in the file's own family where
+/// loracast writes it (PEFT or kohya): `None` for families loracast only reads.
+pub fn regenerate_key(key: &str, layers_per_block: i64) -> Option<String> {
+    let k = keys::parse_key(key, layers_per_block).ok()?;
+    match (k.family, k.role) {
+        (Family::Peft, Role::Alpha) => None,
+        (Family::Peft, role) => Some(keys::peft_key(&k.site, role)),
+        (Family::Kohya, role) => Some(keys::kohya_key(&k.site, role)),
+        _ => None,
+    }
+}
+
 /// Reads a LoRA file (or `DIR/pytorch_lora_weights.safetensors`) in any supported format.
 ///
 /// With `unet_sites`, every module must be one of them with matching shapes (errors name the
@@ -167,7 +185,16 @@ pub fn read_lora(
     if !path.is_file() {
         bail!("LoRA file {} does not exist", path.display());
     }
-    let file = SafeTensorsFile::open(&path)?;
+    read_lora_file(&SafeTensorsFile::open(&path)?, unet_sites, layers_per_block)
+}
+
+/// [`read_lora`] on an opened (or in-memory) safetensors file.
+pub fn read_lora_file(
+    file: &SafeTensorsFile,
+    unet_sites: Option<&[LoraSite]>,
+    layers_per_block: Option<i64>,
+) -> Result<(LoraSet, LoraFileInfo)> {
+    let path = file.path().to_path_buf();
     let p = path.display();
     let st = file.tensors();
     let names = file.names();

@@ -119,6 +119,37 @@ impl ClipTextConfig {
         Ok(cfg)
     }
 
+    /// Upper limits of the sizes and the epsilon, each named by its key.
+    fn check_limits(&self) -> Result<()> {
+        use crate::models::{check_positive, check_range, MAX_DEPTH, MAX_WIDTH};
+        const WHAT: &str = "text_encoder config";
+        for (key, v, max) in [
+            ("vocab_size", self.vocab_size, 1 << 24),
+            ("hidden_size", self.hidden_size, MAX_WIDTH),
+            ("intermediate_size", self.intermediate_size, 4 * MAX_WIDTH),
+            ("num_attention_heads", self.num_attention_heads, MAX_WIDTH),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                MAX_WIDTH,
+            ),
+            ("num_hidden_layers", self.num_hidden_layers, MAX_DEPTH),
+        ] {
+            check_range(WHAT, key, v, 0, max)?;
+        }
+        check_positive(WHAT, "layer_norm_eps", self.layer_norm_eps)
+    }
+
+    /// A lower bound on the weight count (token and position embeddings, attention and MLP
+    /// matrices), to compare with the weights file before anything is allocated.
+    pub fn min_params(&self) -> u128 {
+        use crate::models::params;
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        let per_layer = params(&[4, h, h]).saturating_add(params(&[2, h, i]));
+        params(&[self.vocab_size + self.max_position_embeddings, h])
+            .saturating_add(per_layer.saturating_mul(self.num_hidden_layers.max(0) as u128))
+    }
+
     /// Checks the sizes and returns the activation.
     pub fn validate(&self) -> Result<Activation> {
         let act = Activation::parse(&self.hidden_act)
@@ -137,6 +168,7 @@ impl ClipTextConfig {
         if self.num_hidden_layers < 0 {
             bail!("text_encoder config: num_hidden_layers must be ≥ 0");
         }
+        self.check_limits()?;
         if self.hidden_size % self.num_attention_heads != 0 {
             bail!(
                 "text_encoder config: hidden_size {} is not divisible by num_attention_heads {}",
@@ -472,6 +504,11 @@ fn load_component(
     let config = ClipTextConfig::from_json(folder.config(component, "config.json")?)
         .map_err(|e| anyhow::anyhow!("{component}: {e:#}"))?;
     let files = folder.weights(component, "model")?;
+    crate::io::safetensors::check_size_budget(
+        &files,
+        config.min_params(),
+        &format!("{component}/config.json"),
+    )?;
     let prefixed = crate::io::safetensors::tensor_names(&files)
         .iter()
         .any(|n| n.starts_with("text_model."));

@@ -168,7 +168,37 @@ impl ClipVisionConfig {
         if self.num_hidden_layers < 0 || self.hidden_size % self.num_attention_heads != 0 {
             bail!("CLIP vision config: bad num_hidden_layers / num_attention_heads");
         }
+        use crate::models::{check_positive, check_range, MAX_DEPTH, MAX_WIDTH};
+        const WHAT: &str = "CLIP vision config";
+        for (key, v, max) in [
+            ("hidden_size", self.hidden_size, MAX_WIDTH),
+            ("intermediate_size", self.intermediate_size, 4 * MAX_WIDTH),
+            ("num_attention_heads", self.num_attention_heads, MAX_WIDTH),
+            ("num_channels", self.num_channels, MAX_WIDTH),
+            (
+                "image_size",
+                self.image_size,
+                crate::io::image::MAX_SIDE as i64,
+            ),
+            ("num_hidden_layers", self.num_hidden_layers, MAX_DEPTH),
+        ] {
+            check_range(WHAT, key, v, 0, max)?;
+        }
+        check_range(WHAT, "patch_size", self.patch_size, 1, self.image_size)?;
+        check_positive(WHAT, "layer_norm_eps", self.layer_norm_eps)?;
         Ok(act)
+    }
+
+    /// A lower bound on the weight count (patch and position embeddings, attention and MLP
+    /// matrices).
+    pub fn min_params(&self) -> u128 {
+        use crate::models::params;
+        let (h, i, p) = (self.hidden_size, self.intermediate_size, self.patch_size);
+        let per_layer = params(&[4, h, h]).saturating_add(params(&[2, h, i]));
+        let grid = self.image_size / p.max(1);
+        params(&[self.num_channels, p, p, h])
+            .saturating_add(params(&[grid, grid, h]))
+            .saturating_add(per_layer.saturating_mul(self.num_hidden_layers.max(0) as u128))
     }
 }
 
@@ -186,6 +216,35 @@ pub struct ClipConfig {
 }
 
 impl ClipConfig {
+    /// Checks both towers and the projection, each message naming its key.
+    pub fn validate(&self) -> Result<()> {
+        self.text_config.validate()?;
+        self.vision_config.validate()?;
+        crate::models::check_range(
+            "CLIP config",
+            "projection_dim",
+            self.projection_dim,
+            1,
+            crate::models::MAX_WIDTH,
+        )?;
+        if !self.logit_scale_init_value.is_finite() {
+            bail!(
+                "CLIP config: logit_scale_init_value must be a finite number, got {}",
+                self.logit_scale_init_value
+            );
+        }
+        Ok(())
+    }
+
+    /// A lower bound on the weight count of both towers and the projections.
+    pub fn min_params(&self) -> u128 {
+        let widths = self.text_config.hidden_size + self.vision_config.hidden_size;
+        self.text_config
+            .min_params()
+            .saturating_add(self.vision_config.min_params())
+            .saturating_add(crate::models::params(&[self.projection_dim, widths]))
+    }
+
     /// A tiny CLIPModel for tests (the fixture's shape, tiny-b's 1000-token vocabulary).
     pub fn tiny() -> Self {
         Self {
@@ -469,7 +528,8 @@ impl ClipModel {
     /// Loads a `CLIPModel` folder (`config.json` + `model.safetensors`) strictly.
     pub fn load(dir: &Path, device: Device) -> Result<(Self, nn::VarStore)> {
         let (config, files): (ClipConfig, _) = open_hf_folder(dir, "CLIP")?;
-        config.text_config.validate()?;
+        config.validate()?;
+        crate::io::safetensors::check_size_budget(&files, config.min_params(), "CLIP config.json")?;
         let mut vs = nn::VarStore::new(device);
         let model = Self::new(vs.root(), &config)?;
         let ignore = [

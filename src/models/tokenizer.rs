@@ -51,6 +51,8 @@ const DEFAULTS: [(&str, &str); 4] = [
     ("pad_token", "<|endoftext|>"),
 ];
 const CACHE_LIMIT: usize = 10_000;
+/// Token ids must lie in `[0, MAX_TOKEN_ID)` (far above any vocabulary size).
+const MAX_TOKEN_ID: i64 = 1 << 24;
 
 /// A token matched on the text before BPE (`tokenizers`' AddedToken).
 #[derive(Debug, Clone)]
@@ -142,6 +144,19 @@ impl ClipTokenizer {
             };
             (vocab, merges, added)
         };
+        // Ids index the text encoder's embedding table: a negative or absurd id is a broken file.
+        let bad_id = vocab
+            .iter()
+            .map(|(t, &id)| (t.as_str(), id))
+            .chain(added.iter().map(|t| (t.content.as_str(), t.id)))
+            .find(|(_, id)| !(0..MAX_TOKEN_ID).contains(id));
+        if let Some((token, id)) = bad_id {
+            let token: String = token.chars().take(40).collect();
+            bail!(
+                "{}: token {token:?} has id {id}, expected 0 ≤ id < {MAX_TOKEN_ID}",
+                dir.display()
+            );
+        }
         // Tokens of tokenizer.json / `added_tokens_decoder` keep their flags.
         let fixed = added.len();
 

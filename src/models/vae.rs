@@ -88,6 +88,35 @@ impl VaeConfig {
         }
     }
 
+    /// A lower bound on the weight count, to compare with the weights file before anything is
+    /// allocated: the encoder's and decoder's input and output convolutions (which the image and
+    /// latent channels scale) and the second 3×3 convolution of each encoder resnet.
+    pub fn min_params(&self) -> u128 {
+        use crate::models::params;
+        let ch = &self.block_out_channels;
+        let (first, last) = (
+            ch.first().copied().unwrap_or(0),
+            ch.last().copied().unwrap_or(0),
+        );
+        let l = self.latent_channels;
+        let convs = [
+            params(&[9, self.in_channels, first]),
+            params(&[9, first, self.out_channels]),
+            params(&[9, last, 2, l]),
+            params(&[9, l, last]),
+        ];
+        ch.iter()
+            .map(|&c| params(&[9, c, c, self.layers_per_block]))
+            .chain(convs)
+            .fold(0, u128::saturating_add)
+    }
+
+    /// Checks the config as [`AutoencoderKL::load`] does (for the fuzzers and mutation tests).
+    pub fn check(&self) -> Result<()> {
+        self.validate()?;
+        self.activation().map(|_| ())
+    }
+
     /// Image pixels per latent pixel: `2^(len(block_out_channels) - 1)`.
     pub fn scale_factor(&self) -> i64 {
         1 << self.block_out_channels.len().saturating_sub(1)
@@ -104,8 +133,34 @@ impl VaeConfig {
     }
 
     fn validate(&self) -> Result<()> {
+        use crate::models::{check_positive, check_range, MAX_DEPTH, MAX_WIDTH};
+        const WHAT: &str = "vae/config.json";
         let n = self.block_out_channels.len();
         ensure!(n > 0, "vae/config.json: block_out_channels is empty");
+        check_range(WHAT, "len(block_out_channels)", n as i64, 1, 16)?;
+        for (i, &c) in self.block_out_channels.iter().enumerate() {
+            check_range(WHAT, &format!("block_out_channels[{i}]"), c, 1, MAX_WIDTH)?;
+        }
+        for (key, v) in [
+            ("in_channels", self.in_channels),
+            ("out_channels", self.out_channels),
+            ("latent_channels", self.latent_channels),
+            ("norm_num_groups", self.norm_num_groups),
+        ] {
+            check_range(WHAT, key, v, 1, MAX_WIDTH)?;
+        }
+        check_range(
+            WHAT,
+            "layers_per_block",
+            self.layers_per_block,
+            1,
+            MAX_DEPTH,
+        )?;
+        check_range(WHAT, "sample_size", self.sample_size, 1, 1 << 16)?;
+        check_positive(WHAT, "scaling_factor", self.scaling_factor)?;
+        if let Some(s) = self.shift_factor.filter(|s| !s.is_finite()) {
+            bail!("{WHAT}: shift_factor must be a finite number, got {s}");
+        }
         for (what, types, want) in [
             (
                 "down_block_types",
@@ -480,6 +535,8 @@ impl AutoencoderKL {
     pub fn load(folder: &DiffusersFolder, device: Device) -> Result<(Self, nn::VarStore)> {
         let cfg: VaeConfig = folder.config("vae", "config.json")?;
         let files = folder.weights("vae", "diffusion_pytorch_model")?;
+        cfg.validate()?;
+        crate::io::safetensors::check_size_budget(&files, cfg.min_params(), "vae/config.json")?;
         let mut vs = nn::VarStore::new(device);
         let vae = {
             let _loading = crate::util::LoadingWeights::begin();

@@ -138,7 +138,39 @@ impl ViTConfig {
                 self.num_attention_heads
             );
         }
+        use crate::models::{check_positive, check_range, MAX_DEPTH, MAX_WIDTH};
+        const WHAT: &str = "ViT config";
+        for (key, v, max) in [
+            ("hidden_size", self.hidden_size, MAX_WIDTH),
+            ("num_attention_heads", self.num_attention_heads, MAX_WIDTH),
+            ("intermediate_size", self.intermediate_size, 4 * MAX_WIDTH),
+            (
+                "image_size",
+                self.image_size,
+                crate::io::image::MAX_SIDE as i64,
+            ),
+            ("num_channels", self.num_channels, MAX_WIDTH),
+            ("num_hidden_layers", self.num_hidden_layers, MAX_DEPTH),
+        ] {
+            check_range(WHAT, key, v, 0, max)?;
+        }
+        check_range(WHAT, "patch_size", self.patch_size, 1, self.image_size)?;
+        if let Some(p) = self.pooler_output_size {
+            check_range(WHAT, "pooler_output_size", p, 1, MAX_WIDTH)?;
+        }
+        check_positive(WHAT, "layer_norm_eps", self.layer_norm_eps)?;
         Ok(act)
+    }
+
+    /// A lower bound on the weight count (patch projection, position embeddings, attention and
+    /// MLP matrices), to compare with a weights file before anything is allocated.
+    pub fn min_params(&self) -> u128 {
+        use crate::models::params;
+        let (h, i, p) = (self.hidden_size, self.intermediate_size, self.patch_size);
+        let per_layer = params(&[4, h, h]).saturating_add(params(&[2, h, i]));
+        params(&[self.num_channels, p, p, h])
+            .saturating_add(params(&[self.grid(), self.grid(), h]))
+            .saturating_add(per_layer.saturating_mul(self.num_hidden_layers.max(0) as u128))
     }
 
     /// Patches per image side.
@@ -273,6 +305,7 @@ impl ViTModel {
     /// when the file has `pooler.dense.weight`; keys may sit under `vit.`.
     pub fn load(dir: &Path, device: Device) -> Result<(Self, nn::VarStore)> {
         let (config, files): (ViTConfig, _) = super::clip_vision::open_hf_folder(dir, "ViT")?;
+        config.validate()?;
         let names = crate::io::safetensors::tensor_names(&files);
         let prefix = if names.iter().any(|n| n.starts_with("vit.")) {
             "vit."
@@ -282,6 +315,15 @@ impl ViTModel {
         let pooler = names
             .iter()
             .any(|n| *n == format!("{prefix}pooler.dense.weight"));
+        let pooler_params = match pooler {
+            true => crate::models::params(&[
+                config.pooler_output_size.unwrap_or(config.hidden_size),
+                config.hidden_size,
+            ]),
+            false => 0,
+        };
+        let min_params = config.min_params().saturating_add(pooler_params);
+        crate::io::safetensors::check_size_budget(&files, min_params, "ViT config.json")?;
         let mut vs = nn::VarStore::new(device);
         let root = match prefix {
             "" => vs.root(),

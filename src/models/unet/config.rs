@@ -328,6 +328,7 @@ impl UNetConfig {
         if n == 0 {
             bail!("unet config: block_out_channels is empty");
         }
+        self.check_sizes()?;
         if self.down_block_types.len() != n || self.up_block_types.len() != n {
             bail!(
                 "unet config: {} down and {} up block types for {n} block_out_channels",
@@ -504,5 +505,94 @@ impl UNetConfig {
             );
         }
         Ok(Some(added))
+    }
+}
+
+const WHAT: &str = "unet config";
+
+impl UNetConfig {
+    /// Every scalar size and list length of the config, each named by its key (the per-block
+    /// values are checked on the [`UNetLayout`]).
+    fn check_sizes(&self) -> Result<()> {
+        use crate::models::{check_positive, check_range, MAX_DEPTH, MAX_WIDTH};
+        let n = self.block_out_channels.len() as i64;
+        // Each level halves the latent: 2^(n-1) must stay a sane factor.
+        check_range(WHAT, "len(block_out_channels)", n, 1, 16)?;
+        for (i, &c) in self.block_out_channels.iter().enumerate() {
+            check_range(WHAT, &format!("block_out_channels[{i}]"), c, 1, MAX_WIDTH)?;
+        }
+        check_range(WHAT, "sample_size", self.sample_size, 1, 1 << 14)?;
+        check_range(WHAT, "in_channels", self.in_channels, 1, MAX_WIDTH)?;
+        check_range(WHAT, "out_channels", self.out_channels, 1, MAX_WIDTH)?;
+        // 0 (pad (0,1,0,1) first, as diffusers) and 1 halve the size; other paddings give
+        // feature maps that no longer match the up path's skip connections.
+        check_range(WHAT, "downsample_padding", self.downsample_padding, 0, 1)?;
+        if let Some(g) = self.norm_num_groups {
+            check_range(WHAT, "norm_num_groups", g, 1, MAX_WIDTH)?;
+        }
+        check_positive(WHAT, "norm_eps", self.norm_eps)?;
+        for (key, v) in [
+            ("freq_shift", self.freq_shift),
+            ("mid_block_scale_factor", self.mid_block_scale_factor),
+        ] {
+            if !v.is_finite() {
+                bail!("{WHAT}: {key} must be a finite number, got {v}");
+            }
+        }
+        check_per_block("layers_per_block", &self.layers_per_block, 1, MAX_DEPTH)?;
+        check_per_block(
+            "cross_attention_dim",
+            &self.cross_attention_dim,
+            1,
+            MAX_WIDTH,
+        )?;
+        check_per_block(
+            "transformer_layers_per_block",
+            &self.transformer_layers_per_block,
+            1,
+            MAX_DEPTH,
+        )?;
+        match &self.num_attention_heads {
+            Some(h) => check_per_block("num_attention_heads", h, 1, MAX_WIDTH)?,
+            None => check_per_block("attention_head_dim", &self.attention_head_dim, 1, MAX_WIDTH)?,
+        }
+        Ok(())
+    }
+
+    /// A lower bound on the UNet's weight count, to compare with the weights file before
+    /// anything is allocated: `conv_in`/`conv_out`, the second 3×3 convolution of each down-block
+    /// resnet, and the cross-attention key/value projections of the down, mid and up blocks
+    /// (each term a config value scales, so no value can make the model large and the bound small).
+    pub fn min_params(&self, layout: &UNetLayout) -> u128 {
+        use crate::models::params;
+        let ch = &self.block_out_channels;
+        let n = ch.len();
+        let attn =
+            |i: usize| params(&[2, layout.cross_dims[i], ch[i], layout.transformer_layers[i]]);
+        let mut total = params(&[9, self.in_channels, ch[0]])
+            .saturating_add(params(&[9, ch[0], self.out_channels]))
+            .saturating_add(attn(n - 1));
+        for (i, &c) in ch.iter().enumerate() {
+            total = total.saturating_add(params(&[9, c, c, layout.layers[i]]));
+            if self.down_block_types[i] == "CrossAttnDownBlock2D" {
+                total = total.saturating_add(attn(i).saturating_mul(layout.layers[i] as u128));
+            }
+            // Up blocks read per-block values in reverse, with one more layer.
+            if self.up_block_types[n - 1 - i] == "CrossAttnUpBlock2D" {
+                let layers = layout.layers[i] as u128 + 1;
+                total = total.saturating_add(attn(i).saturating_mul(layers));
+            }
+        }
+        total
+    }
+}
+
+/// A per-block size in range: `key` for one value, `key[i]` for a list entry.
+fn check_per_block(key: &str, v: &PerBlock<i64>, min: i64, max: i64) -> Result<()> {
+    match v {
+        PerBlock::One(x) => crate::models::check_range(WHAT, key, *x, min, max),
+        PerBlock::Each(xs) => xs.iter().enumerate().try_for_each(|(i, &x)| {
+            crate::models::check_range(WHAT, &format!("{key}[{i}]"), x, min, max)
+        }),
     }
 }

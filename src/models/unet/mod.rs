@@ -184,12 +184,18 @@ impl UNet2DConditionModel {
     /// Loads `unet/config.json` and `unet/diffusion_pytorch_model.safetensors` strictly.
     pub fn load(folder: &DiffusersFolder, device: tch::Device) -> Result<(Self, nn::VarStore)> {
         let config = UNetConfig::from_json(folder.config("unet", "config.json")?)?;
+        let files = folder.weights("unet", "diffusion_pytorch_model")?;
+        let layout = config.validate()?;
+        crate::io::safetensors::check_size_budget(
+            &files,
+            config.min_params(&layout),
+            "unet/config.json",
+        )?;
         let mut vs = nn::VarStore::new(device);
         let unet = {
             let _loading = crate::util::LoadingWeights::begin();
             Self::new(vs.root(), &config)?
         };
-        let files = folder.weights("unet", "diffusion_pytorch_model")?;
         crate::io::safetensors::load_strict(&mut vs, &files, &[])?;
         vs.freeze();
         Ok((unet, vs))

@@ -1,0 +1,9 @@
+//! Fuzz target `safetensors`: [`loracast::fuzzing::check_safetensors`] on every input (a panic is a bug; `Err` is
+//! a clean refusal). Run with `scripts/fuzz.sh safetensors`.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    tch::set_num_threads(1);
+    let _ = loracast::fuzzing::check_safetensors(data);
+});
