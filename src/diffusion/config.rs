@@ -412,8 +412,17 @@ fn resolve(json: &Value, own_class: &str, target_class: &str) -> Result<Schedule
             let bad = init.iter().find(|(k, v)| {
                 serde_json::from_value::<SchedulerConfig>(json!({ k.as_str(): v })).is_err()
             });
+            // Values from the file are echoed at most 80 characters long (one short line).
+            let clip = |x: String| match x.char_indices().nth(80) {
+                Some((i, _)) => format!("{}…", &x[..i]),
+                None => x,
+            };
             match bad {
-                Some((k, v)) => anyhow::anyhow!("{target_class} config: {k} = {v}: {e}"),
+                Some((k, v)) => anyhow::anyhow!(
+                    "{target_class} config: {k} = {}: {}",
+                    clip(v.to_string()),
+                    clip(e.to_string())
+                ),
                 None => anyhow::anyhow!("{target_class} config: {e}"),
             }
         })?;
