@@ -160,8 +160,14 @@ fn ip_adapter_input(
             .unwrap_or(std::path::Path::new("."))
             .join("image_encoder"),
     };
-    // diffusers' load_ip_adapter always preprocesses with its CLIPImageProcessor fallback.
-    let encoder = ImageEncoder::load(&encoder_dir, device)?.use_diffusers_preprocess();
+    // As diffusers' pipeline: its own feature_extractor/ when the base folder has one (SD1.5 hub
+    // folders do), else load_ip_adapter's CLIPImageProcessor(size=image_size) fallback; the
+    // encoder folder's preprocessor_config.json is not read (diffusers does not read it either).
+    let mut encoder = ImageEncoder::load(&encoder_dir, device)?.use_diffusers_preprocess();
+    let extractor = base.join("feature_extractor");
+    if folder.component_class("feature_extractor").is_some() && extractor.is_dir() {
+        encoder.preprocess = encoder.preprocess.clone().from_folder(&extractor)?;
+    }
     let (cond, uncond) = encoder.image_tokens(&adapter, &images)?;
     // [n, T, cross] → [1, n·T, cross] (several images concatenate their tokens)
     let flat = |t: Tensor| t.reshape([1, -1, t.size()[2]]);
