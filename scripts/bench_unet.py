@@ -38,9 +38,10 @@ SDXL = dict(sample_size=128, layers_per_block=2, block_out_channels=(320, 640, 1
             transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
             cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
             addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816, norm_num_groups=32)
-# A medium SDXL-architecture UNet (same layout, a quarter of the width, 1/2/4 transformer layers).
-SDXL_MEDIUM = dict(SDXL, block_out_channels=(80, 160, 320), transformer_layers_per_block=(1, 2, 4),
-                   attention_head_dim=(1, 2, 4), cross_attention_dim=512,
+# A medium SDXL-architecture UNet (same layout and head width 64, 2/5 of the channels, 1/2/4
+# transformer layers).
+SDXL_MEDIUM = dict(SDXL, block_out_channels=(128, 256, 512), transformer_layers_per_block=(1, 2, 4),
+                   attention_head_dim=(2, 4, 8), cross_attention_dim=512,
                    projection_class_embeddings_input_dim=6 * 256 + 256)
 # "+ip": IP-Adapter-Plus on every attn2 (16 image tokens; diffusers runs its Resampler on the
 # 257 ViT-H tokens inside every UNet call, loracast once per image before the loop).
