@@ -640,18 +640,6 @@ fn image_requests_are_complete() {
     }
 }
 
-/// (max, mean) level difference of two u8 images.
-fn level_diff(ours: &[u8], theirs: &[u8]) -> (u8, f64) {
-    assert_eq!(ours.len(), theirs.len(), "image size");
-    let max = ours.iter().zip(theirs).map(|(a, b)| a.abs_diff(*b)).max();
-    let sum: f64 = ours
-        .iter()
-        .zip(theirs)
-        .map(|(a, b)| a.abs_diff(*b) as f64)
-        .sum();
-    (max.unwrap_or(0), sum / ours.len() as f64)
-}
-
 #[test]
 fn images_match_diffusers_through_the_cli() {
     // Every fixture request (SD1.x and SDXL, Plus and plain, scales 0.5/1, negative prompt, two
@@ -711,7 +699,7 @@ fn images_match_diffusers_through_the_cli() {
         let t = refs.tensor(key, Kind::Uint8).unwrap().get(0);
         let mut theirs = vec![0u8; t.numel()];
         t.copy_data_u8(&mut theirs, t.numel());
-        let (max, mean) = level_diff(&ours, &theirs);
+        let (max, mean) = common::image_diff(&ours, &theirs);
         assert!(
             max <= 3 && mean <= 0.25,
             "{key} ({case}): max {max}, mean {mean:.3}"
@@ -861,7 +849,7 @@ fn hm_cfg_with_an_ip_adapter_reduces_to_cfg() {
             "1",
         ],
     );
-    let (max, mean) = level_diff(&hm, &cfg_img);
+    let (max, mean) = common::image_diff(&hm, &cfg_img);
     assert!(
         max <= 1 && mean <= 0.05,
         "HM-CFG vs CFG: max {max}, mean {mean:.3}"

@@ -72,23 +72,6 @@ fn unet_sites(name: &str) -> (Vec<LoraSite>, Option<i64>) {
     (unet.lora_sites().to_vec(), layers_per_block(&unet.config))
 }
 
-/// Max and mean absolute difference in levels.
-fn image_diff(ours: &[u8], theirs: &[u8]) -> (u8, f64) {
-    assert_eq!(ours.len(), theirs.len(), "image size");
-    let max = ours
-        .iter()
-        .zip(theirs)
-        .map(|(a, b)| a.abs_diff(*b))
-        .max()
-        .unwrap();
-    let sum: f64 = ours
-        .iter()
-        .zip(theirs)
-        .map(|(a, b)| a.abs_diff(*b) as f64)
-        .sum();
-    (max, sum / ours.len() as f64)
-}
-
 fn reference_image(name: &str, key: &str) -> Vec<u8> {
     let fx =
         SafeTensorsFile::open(&common::fixtures().join(format!("lora_images_{name}.safetensors")))
@@ -128,7 +111,7 @@ fn check_cases(hm: bool) {
             };
             let image = pipe.generate(&req, |_, _| {}).unwrap();
             let (_, _, ours) = to_rgb8(&image).unwrap();
-            let (max, mean) = image_diff(&ours, &reference_image(name, &case.image));
+            let (max, mean) = common::image_diff(&ours, &reference_image(name, &case.image));
             let label = format!(
                 "{name} {} {} scale {} κ {:?} negative {}",
                 case.source,
@@ -801,7 +784,7 @@ fn generate_cli_matches_the_references() {
         let o = common::loracast(&args);
         assert!(o.status.success(), "{}", common::stderr(&o));
         let (_, _, ours) = read_png_rgb8(&out).unwrap();
-        let (max, mean) = image_diff(&ours, &reference_image(&case.pipeline, &case.image));
+        let (max, mean) = common::image_diff(&ours, &reference_image(&case.pipeline, &case.image));
         assert!(
             max <= 3 && mean <= 0.25,
             "{args:?}: max {max}, mean {mean:.3}"

@@ -228,18 +228,6 @@ fn request(pipe: &StableDiffusion, case: &Value) -> GenerateRequest {
     }
 }
 
-/// (max, mean) level difference of two u8 images.
-fn diff(ours: &[u8], theirs: &[u8]) -> (u8, f64) {
-    assert_eq!(ours.len(), theirs.len(), "image size");
-    let max = ours.iter().zip(theirs).map(|(a, b)| a.abs_diff(*b)).max();
-    let sum: f64 = ours
-        .iter()
-        .zip(theirs)
-        .map(|(a, b)| a.abs_diff(*b) as f64)
-        .sum();
-    (max.unwrap_or(0), sum / ours.len() as f64)
-}
-
 #[test]
 fn images_match_diffusers() {
     for name in SDXL {
@@ -266,7 +254,7 @@ fn images_match_diffusers() {
                 let r = reference.get(j);
                 let mut theirs = vec![0u8; r.numel()];
                 r.copy_data_u8(&mut theirs, r.numel());
-                let (max, mean) = diff(&ours, &theirs);
+                let (max, mean) = common::image_diff(&ours, &theirs);
                 assert!(
                     max <= 3 && mean <= 0.25,
                     "{name} {key} ({case}): max {max}, mean {mean:.3}"
@@ -445,7 +433,7 @@ fn cli_generate_gives_diffusers_image() {
         let r = refs.tensor(key, Kind::Uint8).unwrap().get(0);
         let mut theirs = vec![0u8; r.numel()];
         r.copy_data_u8(&mut theirs, r.numel());
-        let (max, mean) = diff(&ours, &theirs);
+        let (max, mean) = common::image_diff(&ours, &theirs);
         assert!(
             max <= 3 && mean <= 0.25,
             "CLI {key}: max {max}, mean {mean:.3}"
@@ -546,7 +534,7 @@ fn half_precision_compute_stays_close_to_f32() {
     };
     let f32 = image(Kind::Float);
     for (dtype, max_tol, mean_tol) in [(Kind::Half, 3, 0.25), (Kind::BFloat16, 12, 1.5)] {
-        let (max, mean) = diff(&image(dtype), &f32);
+        let (max, mean) = common::image_diff(&image(dtype), &f32);
         assert!(
             max <= max_tol && mean <= mean_tol,
             "{dtype:?}: max {max}, mean {mean:.3} from f32"

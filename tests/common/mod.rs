@@ -98,3 +98,15 @@ pub fn assert_fails(args: &[&str], out: Option<&Path>, needle: &str) {
         assert!(!out.exists(), "{args:?} left {}", out.display());
     }
 }
+
+/// (max, mean) per-channel level difference of two u8 images of the same size.
+pub fn image_diff(ours: &[u8], theirs: &[u8]) -> (u8, f64) {
+    assert_eq!(ours.len(), theirs.len(), "image size");
+    let max = ours.iter().zip(theirs).map(|(a, b)| a.abs_diff(*b)).max();
+    let sum: f64 = ours
+        .iter()
+        .zip(theirs)
+        .map(|(a, b)| a.abs_diff(*b) as f64)
+        .sum();
+    (max.unwrap_or(0), sum / ours.len().max(1) as f64)
+}
