@@ -53,77 +53,45 @@ pub struct Attn2Slot {
 impl Attn2Slot {
     /// The diffusers module path, e.g. `down_blocks.1.attentions.0.transformer_blocks.0.attn2`.
     pub fn module_path(&self) -> String {
-        let t = &self.site;
-        let loc = match t.loc {
-            BlockLoc::Down(i) => format!("down_blocks.{i}"),
-            BlockLoc::Mid => "mid_block".to_string(),
-            BlockLoc::Up(i) => format!("up_blocks.{i}"),
-        };
-        format!(
-            "{loc}.attentions.{}.transformer_blocks.{}.attn2",
-            t.attention, t.block
-        )
+        crate::lora::LoraSite {
+            transformer: self.site,
+            proj: crate::lora::Proj::K,
+            in_features: self.cross as usize,
+            out_features: self.hidden as usize,
+        }
+        .module_path()
+        .trim_end_matches(".to_k")
+        .to_string()
     }
 }
 
 /// Every attn2 of the UNet `cfg` builds, numbered as `_convert_ip_adapter_attn_to_diffusers`
 /// numbers them: `unet.attn_processors` order (`down_blocks`, then `up_blocks`, then
-/// `mid_block`: the order the modules are registered), `key_id` 1, 3, 5, …; hidden size from
-/// `block_out_channels` (down i → [i], up i → reversed [i], mid → last). Works for SD1.x/SD2.x
-/// and SDXL configs without building the UNet.
+/// `mid_block`: the order the modules are registered), `key_id` 1, 3, 5, …; sizes from the
+/// attn2's `to_k` LoRA site ([`UNetConfig::lora_sites`], which is module order down → mid → up
+/// and needs no UNet built).
 pub fn attn2_slots(cfg: &UNetConfig) -> Result<Vec<Attn2Slot>> {
-    let ch = &cfg.block_out_channels;
-    let n = ch.len();
-    if n == 0 {
-        bail!("unet config: block_out_channels is empty");
-    }
-    if cfg.down_block_types.len() != n || cfg.up_block_types.len() != n {
-        bail!("unet config: down/up block types do not match block_out_channels");
-    }
-    if cfg
-        .reverse_transformer_layers_per_block
-        .as_ref()
-        .is_some_and(|v| !v.is_null())
-    {
-        bail!("unet config: reverse_transformer_layers_per_block is not supported");
-    }
-    let layers = cfg.layers_per_block.expand("layers_per_block", n)?;
-    let tl = cfg
-        .transformer_layers_per_block
-        .expand("transformer_layers_per_block", n)?;
-    let cross = cfg.cross_attention_dim.expand("cross_attention_dim", n)?;
-    let mut slots = Vec::new();
-    let mut push = |loc, attentions: i64, blocks: i64, hidden: i64, cross: i64| {
-        for attention in 0..attentions.max(0) as usize {
-            for block in 0..blocks.max(0) as usize {
-                slots.push(Attn2Slot {
-                    site: TransformerSite {
-                        loc,
-                        attention,
-                        block,
-                    },
-                    key_id: 2 * slots.len() + 1,
-                    hidden,
-                    cross,
-                });
-            }
-        }
-    };
-    for (i, kind) in cfg.down_block_types.iter().enumerate() {
-        if kind.starts_with("CrossAttn") {
-            push(BlockLoc::Down(i), layers[i], tl[i], ch[i], cross[i]);
-        }
-    }
-    for (i, kind) in cfg.up_block_types.iter().enumerate() {
-        let r = n - 1 - i;
-        if kind.starts_with("CrossAttn") {
-            push(BlockLoc::Up(i), layers[r] + 1, tl[r], ch[r], cross[r]);
-        }
-    }
-    if cfg.mid_block_type.as_deref() == Some("UNetMidBlock2DCrossAttn") {
-        push(BlockLoc::Mid, 1, tl[n - 1], ch[n - 1], cross[n - 1]);
-    }
-    Ok(slots)
+    let mut sites: Vec<_> = cfg
+        .lora_sites()?
+        .into_iter()
+        .filter(|s| s.proj == crate::lora::Proj::K)
+        .collect();
+    // Stable: module order within each of down / up / mid.
+    sites.sort_by_key(|s| match s.transformer.loc {
+        BlockLoc::Down(_) => 0,
+        BlockLoc::Up(_) => 1,
+        BlockLoc::Mid => 2,
+    });
+    Ok(sites
+        .iter()
+        .enumerate()
+        .map(|(i, s)| Attn2Slot {
+            site: s.transformer,
+            key_id: 2 * i + 1,
+            hidden: s.out_features as i64,
+            cross: s.in_features as i64,
+        })
+        .collect())
 }
 
 /// The Plus Resampler's hyper-parameters, read from the file's shapes.
