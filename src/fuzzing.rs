@@ -102,6 +102,7 @@ pub fn tiny_hypernet_config() -> Result<HypernetConfig> {
         intermediate: 8,
         rounds: 1,
         lidb: None,
+        kind: Default::default(),
     };
     let preprocess = serde_json::json!({"size": {"height": 32, "width": 32}});
     let sites = tiny_unet_sites()?;

@@ -201,6 +201,35 @@ pub struct IpAdapterInput {
     pub weights: IpWeights,
 }
 
+impl IpAdapterInput {
+    /// The conditioning of reference `images` through `adapter` and its image `encoder`, for the
+    /// UNet `unet` (several images concatenate their tokens: `[1, n·T, cross]`).
+    pub fn new(
+        adapter: &crate::models::ip_adapter::IpAdapter,
+        encoder: &crate::models::ip_adapter::ImageEncoder,
+        unet: &crate::models::unet::UNetConfig,
+        images: &[crate::io::preprocess::RgbImage],
+        scale: f64,
+    ) -> Result<Self> {
+        if images.is_empty() {
+            bail!("IP-Adapter conditioning needs at least one image");
+        }
+        if !scale.is_finite() {
+            bail!("the IP-Adapter scale must be a finite number, got {scale}");
+        }
+        let weights = adapter.attn_weights(unet)?;
+        let (cond, uncond) = encoder.image_tokens(adapter, images)?;
+        // [n, T, cross] → [1, n·T, cross]
+        let flat = |t: Tensor| t.reshape([1, -1, t.size()[2]]);
+        Ok(Self {
+            tokens: flat(cond),
+            uncond_tokens: flat(uncond),
+            scale,
+            weights: std::rc::Rc::new(weights),
+        })
+    }
+}
+
 impl Clone for IpAdapterInput {
     fn clone(&self) -> Self {
         Self {
@@ -449,6 +478,35 @@ impl StableDiffusion {
                     pooled: Some(two.pooled),
                 })
             }
+        }
+    }
+
+    /// The conditioning of a training batch of prompts `[B, 77, D]` (SD1.x: one batched text
+    /// encoder call; SDXL: each prompt as [`Self::encode_text`], with its pooled embeds).
+    pub fn encode_prompts(&self, prompts: &[&str]) -> Result<TextCond> {
+        match self.family {
+            Family::Sd => {
+                let ids = self.tokenizer.encode_batch(prompts).to_device(self.device);
+                Ok(TextCond {
+                    hidden: self.text_encoder.forward(&ids)?,
+                    pooled: None,
+                })
+            }
+            Family::Sdxl { .. } => {
+                let rows = prompts
+                    .iter()
+                    .map(|p| self.encode_text(p, None, None))
+                    .collect::<Result<Vec<_>>>()?;
+                TextCond::cat(&rows)
+            }
+        }
+    }
+
+    /// SDXL's time ids `[1, 6]` of an uncropped `size × size` training image (`None` for SD1.x).
+    pub fn training_time_ids(&self, size: i64) -> Option<Tensor> {
+        match self.family {
+            Family::Sd => None,
+            Family::Sdxl { .. } => Some(self.time_ids(&GenerateRequest::new(""), size, size)),
         }
     }
 

@@ -65,3 +65,19 @@ pub fn resolve_hyperdreambooth(arg: &Path) -> Result<PathBuf> {
 pub fn resolve_evaluators(arg: &Path) -> Result<PathBuf> {
     resolve(arg, "evaluators", "evaluators")
 }
+
+/// `toy` → the shipped toy IP-Adapter-Plus (issue 17; its image encoder is `image_encoder/`
+/// beside it, h94's layout); anything else is a path.
+pub fn resolve_ip_adapter(arg: &Path) -> Result<PathBuf> {
+    resolve(arg, "ip_adapter/ip_adapter.safetensors", "IP-Adapter-Plus")
+}
+
+/// `toy` → the shipped open-category hypernetwork (issue 17: trained on top of the toy
+/// IP-Adapter-Plus, sharing its image encoder); anything else is a path.
+pub fn resolve_hypernet_open(arg: &Path) -> Result<PathBuf> {
+    resolve(
+        arg,
+        "hypernet-open.safetensors",
+        "open-category hypernetwork",
+    )
+}

@@ -83,3 +83,13 @@ pub fn rng_lock() -> parking_lot::ReentrantMutexGuard<'static, ()> {
     static LOCK: parking_lot::ReentrantMutex<()> = parking_lot::ReentrantMutex::new(());
     LOCK.lock()
 }
+
+/// `cpu` or `cuda` (the first CUDA device) as a libtorch device.
+pub fn parse_device(name: &str) -> Result<tch::Device> {
+    match name {
+        "cpu" => Ok(tch::Device::Cpu),
+        "cuda" if tch::Cuda::is_available() => Ok(tch::Device::Cuda(0)),
+        "cuda" => anyhow::bail!("--device cuda: no CUDA device is available to libtorch"),
+        other => anyhow::bail!("--device {other:?}: expected cpu or cuda"),
+    }
+}

@@ -4,6 +4,9 @@
 //! several context prompts with the base model, the hypernetwork + CFG and the hypernetwork +
 //! HM-CFG (κ = 1), scores every image with the shipped evaluators, and writes
 //! `DIR/metrics.json`, `DIR/report.html` and the images under `DIR/images/`.
+//! `--category open`: the open category instead (θ0 = base + the toy IP-Adapter-Plus, the
+//! hypernetwork on top of it): [`crate::eval::experiment::open`] with the demo's subjects,
+//! prompts and sampling, κ ∈ {0.4, 1.0, 1.6} and adapter scales {0.55, 1.0}.
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -14,7 +17,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::data::{Context, Identity};
 use crate::eval::fidelity::Evaluators;
 use crate::eval::toy::{
-    ceiling, heldout_subjects, personalize_all, run_method, Guide, Row, Sampling, Subject,
+    ceiling, heldout_subjects, personalize_all, run_method, Conditioning, Guide, Row, Sampling,
+    Subject,
 };
 use crate::hypernet::Hypernetwork;
 use crate::pipeline::StableDiffusion;
@@ -62,6 +66,14 @@ pub struct DemoArgs {
     /// Only the base model's row (measures the base model alone; no hypernetwork needed).
     #[arg(long)]
     pub base_only: bool,
+    /// `closed` (the base + hypernetwork, the paper's SD1.5 system) or `open` (θ0 = base +
+    /// IP-Adapter-Plus with the open-category hypernetwork on top; `--hypernet`,
+    /// `--ip-adapter` default to the shipped toy ones).
+    #[arg(long, default_value = "closed")]
+    pub category: String,
+    /// The IP-Adapter-Plus of `--category open` (file or `toy`).
+    #[arg(long, default_value = "toy")]
+    pub ip_adapter: PathBuf,
 }
 
 /// Everything the demo measured.
@@ -76,6 +88,35 @@ pub struct DemoOutcome {
 pub fn run(args: DemoArgs) -> Result<()> {
     if args.subjects == 0 || args.prompts == 0 {
         bail!("--subjects and --prompts must be at least 1");
+    }
+    match args.category.as_str() {
+        "closed" => {}
+        "open" => {
+            if args.base_only || args.lora_scale != 1.0 {
+                bail!("--base-only and --lora-scale are for --category closed");
+            }
+            let opts = crate::eval::experiment::OpenOptions {
+                seed: args.seed,
+                subjects: args.subjects,
+                prompts: args.prompts,
+                out: args.out,
+                force: args.force,
+                guidance_scale: args.guidance_scale,
+                hm_guidance_scale: args.hm_guidance_scale,
+                kappas: vec![0.4, 1.0, 1.6],
+                ip_scales: vec![0.55, 1.0],
+                ip_adapter_scale: None,
+                steps: args.steps,
+                base: args.base,
+                ip_adapter: args.ip_adapter,
+                image_encoder: None,
+                hypernet: args.hypernet,
+                evaluators: args.evaluators,
+                device: args.device,
+            };
+            return crate::eval::experiment::open(opts);
+        }
+        other => bail!("--category {other:?}: expected closed or open"),
     }
     if args.steps == 0
         || !args.guidance_scale.is_finite()
@@ -136,9 +177,12 @@ pub fn run(args: DemoArgs) -> Result<()> {
     .into_iter()
     .take(methods)
     {
-        let m = run_method(&sd, &evaluators, &subjects, lora, guide, sampling, || {
-            bar.inc(1)
-        })?;
+        let cond = Conditioning {
+            lora,
+            ip: None,
+            guide,
+        };
+        let m = run_method(&sd, &evaluators, &subjects, cond, sampling, || bar.inc(1))?;
         let (guidance, kappa) = match guide {
             Guide::Cfg => ("cfg", None),
             Guide::HmCfg { kappa } => ("hm-cfg", Some(kappa)),
@@ -152,6 +196,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
             prompt_fidelity: m.prompt_fidelity,
             seconds_per_subject: if lora.is_some() { seconds } else { 0.0 },
             finetune_steps: None,
+            ip_adapter_scale: None,
             subject_attributes: m.subject_attributes,
             prompt_attributes: m.prompt_attributes,
         });

@@ -15,7 +15,6 @@ use crate::lora::format::{layers_per_block, read_lora};
 use crate::models::ip_adapter::{ImageEncoder, IpAdapter};
 use crate::models::unet::UNetConfig;
 use crate::pipeline::{parse_dtype, GenerateRequest, IpAdapterInput, LoadOptions, StableDiffusion};
-use tch::Tensor;
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
@@ -149,34 +148,19 @@ fn ip_adapter_input(
         .iter()
         .map(|p| RgbImage::open(p))
         .collect::<Result<Vec<_>>>()?;
+    let file = &crate::toy::resolve_ip_adapter(file)?;
     let adapter = IpAdapter::load(file, device)?;
     let folder = crate::io::DiffusersFolder::open(base)?;
     let unet = UNetConfig::from_json(folder.config("unet", "config.json")?)?;
-    let weights = adapter.attn_weights(&unet)?;
     let encoder_dir = match &args.image_encoder {
         Some(d) => d.clone(),
-        None => file
-            .parent()
-            .unwrap_or(std::path::Path::new("."))
-            .join("image_encoder"),
+        None => super::default_image_encoder(file),
     };
-    // As diffusers' pipeline: its own feature_extractor/ when the base folder has one (SD1.5 hub
-    // folders do), else load_ip_adapter's CLIPImageProcessor(size=image_size) fallback; the
-    // encoder folder's preprocessor_config.json is not read (diffusers does not read it either).
-    let mut encoder = ImageEncoder::load(&encoder_dir, device)?.use_diffusers_preprocess();
-    let extractor = base.join("feature_extractor");
-    if folder.component_class("feature_extractor").is_some() && extractor.is_dir() {
-        encoder.preprocess = encoder.preprocess.clone().from_folder(&extractor)?;
-    }
-    let (cond, uncond) = encoder.image_tokens(&adapter, &images)?;
-    // [n, T, cross] → [1, n·T, cross] (several images concatenate their tokens)
-    let flat = |t: Tensor| t.reshape([1, -1, t.size()[2]]);
-    Ok(Some(IpAdapterInput {
-        tokens: flat(cond),
-        uncond_tokens: flat(uncond),
-        scale,
-        weights: std::rc::Rc::new(weights),
-    }))
+    // Preprocessing as diffusers' pipeline gives it (ImageEncoder::for_base).
+    let encoder = ImageEncoder::for_base(&encoder_dir, base, device)?;
+    Ok(Some(IpAdapterInput::new(
+        &adapter, &encoder, &unet, &images, scale,
+    )?))
 }
 
 /// Checks the LoRA/HM-CFG flags before any heavy work.

@@ -162,22 +162,7 @@ pub(crate) fn check_out_parent(path: &Path) -> Result<()> {
 /// A report folder `--out`: refused if it exists without `--force`; its parents are created
 /// (it is a folder of outputs, like `train --out`).
 pub(crate) fn prepare_report_dir(out: &Path, force: bool) -> Result<()> {
-    if out.exists() && !force {
-        bail!(
-            "--out {} already exists (pass --force to replace it)",
-            out.display()
-        );
-    }
-    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(|e| {
-            anyhow::anyhow!(
-                "--out {}: cannot create {}: {e}",
-                out.display(),
-                parent.display()
-            )
-        })?;
-    }
-    Ok(())
+    crate::eval::report::prepare_dir(out, force)
 }
 
 /// Decodes every `--image` and checks its size, before any model loads.
@@ -196,10 +181,34 @@ pub(crate) fn read_subject_images(
 }
 
 pub(crate) fn parse_device(name: &str) -> Result<tch::Device> {
-    match name {
-        "cpu" => Ok(tch::Device::Cpu),
-        "cuda" if tch::Cuda::is_available() => Ok(tch::Device::Cuda(0)),
-        "cuda" => bail!("--device cuda: no CUDA device is available to libtorch"),
-        other => bail!("--device {other:?}: expected cpu or cuda"),
+    crate::util::parse_device(name)
+}
+
+/// An IP-Adapter's image encoder folder when none is given: `image_encoder/` beside the file
+/// (h94's layout).
+pub(crate) fn default_image_encoder(ip_adapter: &std::path::Path) -> PathBuf {
+    ip_adapter
+        .parent()
+        .unwrap_or(std::path::Path::new("."))
+        .join("image_encoder")
+}
+
+/// The open category's image encoder for `hyper`: the IP-Adapter `file` (or `toy`) is checked
+/// against the one the hypernetwork was trained with (SHA-256), and its image encoder is loaded
+/// with the base's preprocessing.
+pub(crate) fn open_category_encoder(
+    hyper: &crate::hypernet::Hypernetwork,
+    file: &Path,
+    image_encoder: Option<&Path>,
+    base: &Path,
+    device: tch::Device,
+) -> Result<crate::models::ip_adapter::ImageEncoder> {
+    let file = crate::toy::resolve_ip_adapter(file)?;
+    if !file.is_file() {
+        bail!("IP-Adapter {}: no such file", file.display());
     }
+    let sha = crate::io::sha256_file(&file)?;
+    hyper.check_ip_adapter(&sha, &file.display().to_string())?;
+    let dir = image_encoder.map_or_else(|| default_image_encoder(&file), Path::to_path_buf);
+    crate::models::ip_adapter::ImageEncoder::for_base(&dir, base, device)
 }

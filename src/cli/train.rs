@@ -12,6 +12,7 @@ use crate::train::base::{train_base, BaseConfig};
 use crate::train::encoder::{train_encoder, EncoderConfig};
 use crate::train::evaluators::{train_evaluators, EvaluatorsConfig};
 use crate::train::hypernet::{train_hypernet, HypernetJob, HypernetTrainConfig, TrainData};
+use crate::train::ip_adapter::{train_ip_adapter, IpAdapterJob, IpAdapterTrainConfig};
 
 #[derive(Subcommand, Debug)]
 pub enum TrainCommand {
@@ -23,6 +24,25 @@ pub enum TrainCommand {
     Encoder(TrainArgs),
     /// The hypernetwork, end to end through a frozen base → DIR/hypernet.safetensors.
     Hypernet(HypernetArgs),
+    /// An IP-Adapter-Plus for a frozen base, by image reconstruction with its caption (image and
+    /// text dropped at random) → DIR/ip_adapter.safetensors (h94 layout) + DIR/image_encoder.
+    IpAdapter(IpAdapterArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct IpAdapterArgs {
+    #[command(flatten)]
+    pub common: TrainArgs,
+    /// Base model folder (diffusers layout) or `toy`.
+    #[arg(long)]
+    pub base: PathBuf,
+    /// The frozen CLIPVisionModelWithProjection folder (`train encoder` with a clip_vision
+    /// config makes the toy one).
+    #[arg(long)]
+    pub image_encoder: PathBuf,
+    /// `toy` (the toy world's train split: renders with their captions).
+    #[arg(long, default_value = "toy")]
+    pub data: String,
 }
 
 #[derive(Args, Debug)]
@@ -34,9 +54,24 @@ pub struct HypernetArgs {
     pub base: PathBuf,
     /// Frozen image encoder: a transformers ViT folder (config.json, model.safetensors,
     /// preprocessor_config.json), e.g. google/vit-base-patch16-224-in21k or `train encoder`'s.
+    /// Not with --ip-adapter.
     #[arg(long)]
-    pub encoder: PathBuf,
-    /// `toy` (the toy world's train split) or a folder of subject folders DIR/<subject>/*.png.
+    pub encoder: Option<PathBuf>,
+    /// Open category: θ0 = base + this IP-Adapter-Plus file (h94 layout, or `toy`); the
+    /// hypernetwork shares its image encoder and records the file's SHA-256.
+    #[arg(long)]
+    pub ip_adapter: Option<PathBuf>,
+    /// The IP-Adapter's CLIP image encoder folder (default: image_encoder/ beside --ip-adapter).
+    #[arg(long)]
+    pub image_encoder: Option<PathBuf>,
+    /// IP-Adapter scale of θ0 in training (default 1.0; the paper infers at 0.55).
+    #[arg(long)]
+    pub ip_adapter_scale: Option<f64>,
+    /// `toy` (the toy world's train split), a folder of subject folders DIR/<subject>/*.png, or
+    /// a `pairs.jsonl` of Subject200K-style pairs: one JSON object per line,
+    /// {"input": "a/1.jpg", "target": "a/2.jpg", "caption": "a dog on the beach", "class": "dog"}
+    /// (paths relative to the file; the target prompt is the caption with the token before the
+    /// class word, or "a <token> <class>, <caption>").
     #[arg(long)]
     pub data: PathBuf,
     /// Class images for prior preservation (gamma > 0) with folder data.
@@ -135,17 +170,68 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
             }
             let data = match args.data.to_str() {
                 Some(crate::toy::NAME) => TrainData::Toy,
+                _ if args.data.extension().is_some_and(|e| e == "jsonl") => {
+                    TrainData::from_pairs(&args.data, args.class_data.as_deref())?
+                }
                 _ => TrainData::from_folders(&args.data, args.class_data.as_deref(), cfg.mode)?,
+            };
+            let ip = match &args.ip_adapter {
+                Some(f) => Some(crate::toy::resolve_ip_adapter(f)?),
+                None => {
+                    if args.image_encoder.is_some() || args.ip_adapter_scale.is_some() {
+                        anyhow::bail!("--image-encoder and --ip-adapter-scale need --ip-adapter");
+                    }
+                    None
+                }
+            };
+            let image_encoder = match (&ip, &args.image_encoder) {
+                (_, Some(d)) => Some(d.clone()),
+                (Some(f), None) => Some(super::default_image_encoder(f)),
+                (None, None) => None,
             };
             let job = HypernetJob {
                 base: &base,
-                encoder: &args.encoder,
+                encoder: args.encoder.as_deref(),
+                ip_adapter: ip
+                    .as_deref()
+                    .zip(image_encoder.as_deref())
+                    .map(|(file, enc)| crate::train::hypernet::IpTrain {
+                        file,
+                        image_encoder: enc,
+                        scale: args.ip_adapter_scale.unwrap_or(1.0),
+                    }),
                 data,
                 out: &args.common.out,
                 resume: args.common.resume,
                 device,
             };
             let out = train_hypernet(&cfg, job)?;
+            eprintln!(
+                "wrote {} in {:.1} min",
+                out.display(),
+                start.elapsed().as_secs_f64() / 60.0
+            );
+        }
+        TrainCommand::IpAdapter(args) => {
+            let cfg: IpAdapterTrainConfig = read_config(&args.common.config)?;
+            cfg.validate()
+                .with_context(|| format!("--config {}", args.common.config.display()))?;
+            if args.data != crate::toy::NAME {
+                anyhow::bail!(
+                    "--data {:?}: IP-Adapter training reads the toy world only (--data toy)",
+                    args.data
+                );
+            }
+            let device = super::parse_device(&args.common.device)?;
+            let base = crate::toy::resolve_base(&args.base)?;
+            let job = IpAdapterJob {
+                base: &base,
+                image_encoder: &args.image_encoder,
+                out: &args.common.out,
+                resume: args.common.resume,
+                device,
+            };
+            let out = train_ip_adapter(&cfg, job)?;
             eprintln!(
                 "wrote {} in {:.1} min",
                 out.display(),

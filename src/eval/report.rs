@@ -168,3 +168,24 @@ fn write_into(tmp: &Path, rep: &Report) -> Result<()> {
     }
     Ok(())
 }
+
+/// A report folder `--out`: refused if it exists without `--force`; its parents are created
+/// (it is a folder of outputs, like `train --out`).
+pub fn prepare_dir(out: &Path, force: bool) -> Result<()> {
+    if out.exists() && !force {
+        anyhow::bail!(
+            "--out {} already exists (pass --force to replace it)",
+            out.display()
+        );
+    }
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| {
+            anyhow::anyhow!(
+                "--out {}: cannot create {}: {e}",
+                out.display(),
+                parent.display()
+            )
+        })?;
+    }
+    Ok(())
+}

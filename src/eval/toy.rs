@@ -15,7 +15,7 @@ use crate::data::{
 };
 use crate::io::preprocess::RgbImage;
 use crate::lora::LoraSet;
-use crate::pipeline::{GenerateRequest, StableDiffusion};
+use crate::pipeline::{GenerateRequest, IpAdapterInput, StableDiffusion};
 
 /// One held-out subject: its identity, the reference render the method sees, and the contexts
 /// it is generated in.
@@ -48,6 +48,16 @@ pub fn heldout_subjects(seed: u64, n: usize, prompts: usize) -> Vec<Subject> {
 }
 
 /// How a method generates: plain CFG with a prompt, or HM-CFG with κ.
+/// What a method adds to the frozen base for subject i: its LoRA `lora[i]` (prompts then carry
+/// the subject token), IP-Adapter conditioning `ip[i]` (its reference's image tokens), and how
+/// the rows are guided.
+#[derive(Debug, Clone, Copy)]
+pub struct Conditioning<'a> {
+    pub lora: Option<&'a [LoraSet]>,
+    pub ip: Option<&'a [IpAdapterInput]>,
+    pub guide: Guide,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Guide {
     Cfg,
@@ -67,6 +77,8 @@ pub struct Row {
     /// Optimisation steps per subject (finetuning methods).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub finetune_steps: Option<u64>,
+    /// The IP-Adapter scale of the row (`null` without an IP-Adapter).
+    pub ip_adapter_scale: Option<f64>,
     /// Per identity attribute: fraction of images where the reference's value was recovered.
     pub subject_attributes: BTreeMap<String, f64>,
     /// Per context attribute: fraction of images showing the prompt's value.
@@ -77,6 +89,8 @@ pub struct Row {
 pub struct MethodScores {
     /// `images[subject][prompt]`: `[3, H, W]` in [-1, 1].
     pub images: Vec<Vec<Tensor>>,
+    /// Subject fidelity of each subject (over its prompts), for paired comparisons.
+    pub per_subject: Vec<f64>,
     pub subject_fidelity: f64,
     pub prompt_fidelity: f64,
     pub subject_attributes: BTreeMap<String, f64>,
@@ -102,17 +116,19 @@ pub fn run_method(
     sd: &StableDiffusion,
     evaluators: &Evaluators,
     subjects: &[Subject],
-    lora: Option<&[LoraSet]>,
-    guide: Guide,
+    method: Conditioning<'_>,
     sampling: Sampling,
     mut progress: impl FnMut(),
 ) -> Result<MethodScores> {
+    let Conditioning { lora, ip, guide } = method;
     let mut images = Vec::new();
+    let mut per_subject = Vec::new();
     let mut id_hits = [0usize; 5];
     let mut ctx_hits = [0usize; 4];
     let mut n = 0usize;
     for (i, subject) in subjects.iter().enumerate() {
         let mut row = Vec::new();
+        let id_before: usize = id_hits.iter().sum();
         for (j, ctx) in subject.contexts.iter().enumerate() {
             let mut req = GenerateRequest::new(&caption(ctx));
             req.guidance_scale = sampling.guidance_scale;
@@ -129,6 +145,9 @@ pub fn run_method(
                     req.guidance_scale = sampling.hm_guidance_scale;
                 }
             }
+            if let Some(ip) = ip {
+                req.ip_adapter = Some(ip[i].clone());
+            }
             let image = sd.generate(&req, |_, _| {})?;
             let hits = evaluators.hits(&image.unsqueeze(0), &[subject.identity], &[*ctx])?;
             for (k, &h) in hits[0].0.iter().enumerate() {
@@ -141,6 +160,9 @@ pub fn run_method(
             row.push(image);
             progress();
         }
+        let hits = id_hits.iter().sum::<usize>() - id_before;
+        let cells = (subject.contexts.len() * id_hits.len()).max(1);
+        per_subject.push(hits as f64 / cells as f64);
         images.push(row);
     }
     let n = n.max(1) as f64;
@@ -154,6 +176,7 @@ pub fn run_method(
     let mean = |hits: &[usize]| hits.iter().sum::<usize>() as f64 / (n * hits.len() as f64);
     Ok(MethodScores {
         images,
+        per_subject,
         subject_fidelity: mean(&id_hits),
         prompt_fidelity: mean(&ctx_hits),
         subject_attributes: per(&Identity::ATTRIBUTES, &id_hits),
@@ -216,6 +239,30 @@ pub fn personalize_all(
 }
 
 /// `[3, H, W]` in [-1, 1] → RGB8 pixels for the report.
+/// The open-category hypernetwork's LoRA of every subject from its reference render, through
+/// the shared IP-Adapter image encoder, and the mean seconds per subject.
+pub fn personalize_all_shared(
+    hyper: &crate::hypernet::Hypernetwork,
+    encoder: &crate::models::ip_adapter::ImageEncoder,
+    subjects: &[Subject],
+) -> Result<(Vec<LoraSet>, f64)> {
+    let mut sets = Vec::new();
+    let start = Instant::now();
+    for s in subjects {
+        sets.push(hyper.personalize_shared(encoder, &[reference_rgb(s)?])?);
+    }
+    Ok((
+        sets,
+        start.elapsed().as_secs_f64() / subjects.len().max(1) as f64,
+    ))
+}
+
+/// A subject's reference render as an RGB image.
+pub fn reference_rgb(s: &Subject) -> Result<RgbImage> {
+    let img = s.reference.render();
+    RgbImage::new(img.width as u32, img.height as u32, img.rgb)
+}
+
 pub fn to_png_bytes(image: &Tensor) -> Result<Vec<u8>> {
     let (w, h, rgb) = crate::io::image::to_rgb8(&image.to_kind(Kind::Float))?;
     crate::data::Image {

@@ -11,9 +11,18 @@
 //! exactly ΔW = B·A = 0 while the gradient reaches B (as LoRA's own B = 0 init).
 //! Keys: `pos`, `image_norm`, `image_proj`, `weight_in.{m}`, `layers.{l}.*`, `norm_out`,
 //! `heads.{m}`.
+//!
+//! [`ResamplerDecoder`] is the open category's decoder (seed paper §5.2, appendix B.2): the
+//! architecture of IP-Adapter-Plus's Resampler ([`crate::models::ip_adapter::Resampler`]: learned
+//! queries, here one per LoRA matrix, attending to the image encoder's `hidden_states[-2]` in
+//! depth × [perceiver attention, feed-forward], `proj_out` + `norm_out` to the decoder width),
+//! then the same one-linear-head-per-matrix output with the same ΔW = 0 init, in one round.
+//! Keys: `latents`, `proj_in`, `layers.{l}.{0,1}.*`, `proj_out`, `norm_out`, `heads.{m}`.
 use anyhow::{bail, Result};
 use tch::{nn, nn::Module, Tensor};
 
+pub use crate::models::ip_adapter::DIM_HEAD;
+use crate::models::ip_adapter::{Resampler, ResamplerShape};
 use crate::nn::{layer_norm, Activation, Attention, Linear};
 
 /// One matrix the decoder predicts: `rows × cols` values, and whether it is a `lora_B` (zero
@@ -72,6 +81,41 @@ impl DecoderLayer {
                 .forward(&self.norm2.forward(&z), Some(image), [None; 3]);
         let h = Activation::Gelu.apply(&self.fc1.forward(&self.norm3.forward(&z)));
         &z + self.fc2.forward(&h)
+    }
+}
+
+/// One linear head per matrix (`heads.{m}`): weights 0; biases 0 for `lora_B`, LoRA's A init
+/// (kaiming-uniform, a=√5 → bound 1/√fan_in) split over the rounds for `lora_A`, so the first
+/// prediction is ΔW = B·A = 0 while the gradient reaches B.
+fn output_heads(vs: nn::Path, matrices: &[MatrixSpec], width: i64, rounds: i64) -> Vec<Linear> {
+    matrices
+        .iter()
+        .enumerate()
+        .map(|(i, spec)| {
+            let p = &vs / i;
+            let bias_init = if spec.is_b {
+                nn::Init::Const(0.0)
+            } else {
+                let bound = 1.0 / (spec.cols as f64).sqrt() / rounds as f64;
+                nn::Init::Uniform {
+                    lo: -bound,
+                    up: bound,
+                }
+            };
+            Linear {
+                weight: p.var("weight", &[spec.numel(), width], nn::Init::Const(0.0)),
+                bias: Some(p.var("bias", &[spec.numel()], bias_init)),
+            }
+        })
+        .collect()
+}
+
+fn check_features(image: &Tensor, image_dim: i64) -> Result<i64> {
+    match image.size()[..] {
+        [b, _, c] if c == image_dim => Ok(b),
+        ref other => {
+            bail!("hypernetwork: image features must be [B, tokens, {image_dim}], got {other:?}")
+        }
     }
 }
 
@@ -138,28 +182,7 @@ impl WeightDecoder {
         let layers = (0..layers)
             .map(|l| DecoderLayer::new(&vs / "layers" / l, width, heads, intermediate))
             .collect();
-        let head_vs = &vs / "heads";
-        let heads = matrices
-            .iter()
-            .enumerate()
-            .map(|(i, spec)| {
-                let p = &head_vs / i;
-                let bias_init = if spec.is_b {
-                    nn::Init::Const(0.0)
-                } else {
-                    // LoRA's A init (kaiming-uniform, a=√5 → bound 1/√fan_in), split over rounds.
-                    let bound = 1.0 / (spec.cols as f64).sqrt() / rounds as f64;
-                    nn::Init::Uniform {
-                        lo: -bound,
-                        up: bound,
-                    }
-                };
-                Linear {
-                    weight: p.var("weight", &[spec.numel(), width], nn::Init::Const(0.0)),
-                    bias: Some(p.var("bias", &[spec.numel()], bias_init)),
-                }
-            })
-            .collect();
+        let heads = output_heads(&vs / "heads", matrices, width, rounds);
         Ok(Self {
             dims,
             matrices: matrices.to_vec(),
@@ -179,13 +202,7 @@ impl WeightDecoder {
 
     /// `image: [B, N, image_dim]` (the encoder's tokens) → one `[B, rows·cols]` per matrix.
     pub fn forward(&self, image: &Tensor) -> Result<Vec<Tensor>> {
-        let (b, _, c) = image.size3()?;
-        if c != self.dims.image_dim {
-            bail!(
-                "hypernetwork: image features have {c} channels, the decoder expects {}",
-                self.dims.image_dim
-            );
-        }
+        let b = check_features(image, self.dims.image_dim)?;
         // [B, N, image_dim] → [B, N, W]
         let f = self.image_proj.forward(&self.image_norm.forward(image));
         let (kind, device) = (f.kind(), f.device());
@@ -215,5 +232,90 @@ impl WeightDecoder {
                 .collect();
         }
         Ok(theta)
+    }
+}
+
+/// The open-category decoder: IP-Adapter-Plus's Resampler with one query per LoRA matrix
+/// (width = the decoder width, heads of [`DIM_HEAD`] = 64 as the Resampler fixes them), then one
+/// head per matrix.
+#[derive(Debug)]
+pub struct ResamplerDecoder {
+    image_dim: i64,
+    matrices: Vec<MatrixSpec>,
+    resampler: Resampler,
+    heads: Vec<Linear>,
+}
+
+impl ResamplerDecoder {
+    pub fn new(vs: nn::Path, dims: DecoderDims, matrices: &[MatrixSpec]) -> Result<Self> {
+        let DecoderDims {
+            image_dim,
+            width,
+            layers,
+            intermediate,
+            ..
+        } = dims;
+        if matrices.is_empty() {
+            bail!("hypernetwork: no LoRA matrices to predict");
+        }
+        if [image_dim, width, layers, intermediate]
+            .iter()
+            .any(|&v| v < 1)
+            || width % DIM_HEAD != 0
+        {
+            bail!("hypernetwork resampler decoder: sizes must be ≥ 1 and width a multiple of {DIM_HEAD} ({dims:?})");
+        }
+        let shape = ResamplerShape {
+            num_queries: matrices.len() as i64,
+            hidden: width,
+            embed: image_dim,
+            output: width,
+            depth: layers as usize,
+            heads: width / DIM_HEAD,
+            ff_inner: intermediate,
+        };
+        Ok(Self {
+            image_dim,
+            matrices: matrices.to_vec(),
+            resampler: Resampler::new(vs.clone(), shape),
+            heads: output_heads(&vs / "heads", matrices, width, 1),
+        })
+    }
+
+    /// `image: [B, N, image_dim]` (the IP-Adapter encoder's `hidden_states[-2]`) → one
+    /// `[B, rows·cols]` per matrix.
+    pub fn forward(&self, image: &Tensor) -> Result<Vec<Tensor>> {
+        check_features(image, self.image_dim)?;
+        // [B, N, image_dim] → [B, M, W]: query m is matrix m's token
+        let z = self.resampler.forward(image)?;
+        Ok(self
+            .heads
+            .iter()
+            .enumerate()
+            .map(|(m, head)| head.forward(&z.select(1, m as i64)))
+            .collect())
+    }
+}
+
+/// Either decoder, as the config's `decoder.kind` names it.
+#[derive(Debug)]
+pub enum Decoder {
+    Transformer(WeightDecoder),
+    Resampler(ResamplerDecoder),
+}
+
+impl Decoder {
+    pub fn matrices(&self) -> &[MatrixSpec] {
+        match self {
+            Decoder::Transformer(d) => d.matrices(),
+            Decoder::Resampler(d) => &d.matrices,
+        }
+    }
+
+    pub fn forward(&self, image: &Tensor) -> Result<Vec<Tensor>> {
+        match self {
+            Decoder::Transformer(d) => d.forward(image),
+            Decoder::Resampler(d) => d.forward(image),
+        }
     }
 }

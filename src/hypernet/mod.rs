@@ -16,6 +16,12 @@
 //! and decoder (`decoder.*`) weights, with the [`HypernetConfig`] (encoder config,
 //! preprocessing, rank, sites, and the base UNet's [`lora_fingerprint`]) in its metadata.
 //!
+//! Open category (seed paper §5.2, θ0 = base + IP-Adapter-Plus): the hypernetwork has no encoder
+//! of its own; it reads the `hidden_states[-2]` of the IP-Adapter's CLIP vision tower (computed
+//! once, shared with the adapter's Resampler), its decoder is a [`ResamplerDecoder`], and its
+//! config's `ip_adapter` records the adapter file's SHA-256 (and the tower's feature shape), so
+//! it refuses another adapter.
+//!
 //! [`lora_fingerprint`]: crate::models::unet::UNet2DConditionModel::lora_fingerprint
 pub mod decoder;
 
@@ -26,7 +32,7 @@ use anyhow::{bail, Context as _, Result};
 use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 
-pub use decoder::{DecoderDims, MatrixSpec, WeightDecoder};
+pub use decoder::{Decoder, DecoderDims, MatrixSpec, ResamplerDecoder, WeightDecoder};
 
 use crate::io::preprocess::{Preprocess, RgbImage};
 use crate::io::safetensors::{load_strict, save, SafeTensorsFile};
@@ -38,6 +44,7 @@ use crate::models::vit::{ViTConfig, ViTModel};
 pub const MIN_IMAGE_SIDE: u32 = 16;
 
 const FORMAT: &str = "loracast-hypernet-v1";
+const SHARED: &str = "this hypernetwork reads an IP-Adapter's image encoder (open category): give --ip-adapter FILE (and --image-encoder DIR)";
 /// The most values LiDB's frozen bases may hold (SD1.5's 48 sites with a = 100, b = 50: 9.2M).
 const MAX_LIDB_VALUES: u128 = 1 << 25;
 
@@ -57,9 +64,13 @@ pub fn check_image_size(img: &RgbImage) -> Result<()> {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HypernetConfig {
-    /// The frozen image encoder (transformers' `ViTConfig`).
-    pub encoder: ViTConfig,
-    /// The encoder's `preprocessor_config.json` (applied over transformers' ViT defaults).
+    /// The frozen image encoder (transformers' `ViTConfig`), stored in the file (`encoder.*`);
+    /// `None` with `ip_adapter` (the adapter's image encoder is shared).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoder: Option<ViTConfig>,
+    /// The encoder's `preprocessor_config.json` (applied over transformers' ViT defaults;
+    /// unused with `ip_adapter`: the adapter's image encoder preprocesses).
+    #[serde(default)]
     pub preprocess: serde_json::Value,
     /// Rank/alpha of the predicted LoRA and the decoder's sizes.
     pub decoder: DecoderConfig,
@@ -71,6 +82,39 @@ pub struct HypernetConfig {
     /// λ the decoder was trained with (reported by `demo`), when known.
     #[serde(default)]
     pub lambda: Option<f64>,
+    /// Open category: the IP-Adapter(-Plus) θ0 includes, whose image encoder the hypernetwork
+    /// reads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_adapter: Option<IpAdapterBinding>,
+}
+
+/// Which IP-Adapter an open-category hypernetwork was trained on top of.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IpAdapterBinding {
+    /// SHA-256 of the IP-Adapter file's bytes.
+    pub sha256: String,
+    /// Width of its image encoder's `hidden_states[-2]` (the decoder's input).
+    pub hidden_size: i64,
+    /// Tokens of those states (1 + patches).
+    pub tokens: i64,
+    /// The IP-Adapter scale of training (the inference default).
+    pub scale: f64,
+}
+
+/// Which decoder architecture predicts the weights.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecoderKind {
+    /// The closed category's transformer decoder with iterative refinement ([`WeightDecoder`]).
+    #[default]
+    Transformer,
+    /// The open category's IP-Adapter-Plus Resampler architecture ([`ResamplerDecoder`]).
+    Resampler,
+}
+
+fn is_default_kind(k: &DecoderKind) -> bool {
+    *k == DecoderKind::Transformer
 }
 
 /// The decoder's knobs: LoRA rank and alpha of the predicted weights (ΔW = alpha/r · B·A),
@@ -89,6 +133,10 @@ pub struct DecoderConfig {
     /// `[b, r]` per site, expanded through LiDB's frozen bases; `None`: full LoRA factors.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lidb: Option<LidbConfig>,
+    /// `transformer` (default) or `resampler` (open category; rounds must be 1, width a
+    /// multiple of 64, heads = width / 64).
+    #[serde(default, skip_serializing_if = "is_default_kind")]
+    pub kind: DecoderKind,
 }
 
 impl DecoderConfig {
@@ -103,6 +151,23 @@ impl DecoderConfig {
             intermediate: 2048,
             rounds: 4,
             lidb: None,
+            kind: DecoderKind::Transformer,
+        }
+    }
+
+    /// The paper's open-category decoder (§5.2, appendix B.2): the Resampler architecture with
+    /// embedding dimension 512 (IP-Adapter-Plus's depth 4, 8 heads × 64, FF 4×), rank 2.
+    pub fn paper_open() -> Self {
+        Self {
+            rank: 2,
+            alpha: 2.0,
+            width: 512,
+            layers: 4,
+            heads: 8,
+            intermediate: 2048,
+            rounds: 1,
+            lidb: None,
+            kind: DecoderKind::Resampler,
         }
     }
 
@@ -117,6 +182,7 @@ impl DecoderConfig {
             intermediate: 64,
             rounds: 2,
             lidb: None,
+            kind: DecoderKind::Transformer,
         }
     }
 }
@@ -130,12 +196,40 @@ impl HypernetConfig {
         base_fingerprint: String,
     ) -> Self {
         Self {
-            encoder,
+            encoder: Some(encoder),
             preprocess,
             decoder,
             sites,
             base_fingerprint,
             lambda: None,
+            ip_adapter: None,
+        }
+    }
+
+    /// An open-category hypernetwork's config: no encoder of its own, the IP-Adapter's.
+    pub fn on_ip_adapter(
+        decoder: DecoderConfig,
+        ip_adapter: IpAdapterBinding,
+        sites: Vec<LoraSite>,
+        base_fingerprint: String,
+    ) -> Self {
+        Self {
+            encoder: None,
+            preprocess: serde_json::json!({}),
+            decoder,
+            sites,
+            base_fingerprint,
+            lambda: None,
+            ip_adapter: Some(ip_adapter),
+        }
+    }
+
+    /// The width of the image features the decoder reads.
+    fn image_dim(&self) -> i64 {
+        match (&self.encoder, &self.ip_adapter) {
+            (Some(e), _) => e.hidden_size,
+            (None, Some(ip)) => ip.hidden_size,
+            (None, None) => 0,
         }
     }
 
@@ -168,7 +262,7 @@ impl HypernetConfig {
     fn dims(&self) -> DecoderDims {
         let d = &self.decoder;
         DecoderDims {
-            image_dim: self.encoder.hidden_size,
+            image_dim: self.image_dim(),
             width: d.width,
             layers: d.layers,
             heads: d.heads,
@@ -197,15 +291,30 @@ impl HypernetConfig {
         let layer = params(&[8, w, w]).saturating_add(params(&[2, w, d.intermediate]));
         heads
             .saturating_add(layer.saturating_mul(d.layers.max(0) as u128))
-            .saturating_add(params(&[self.encoder.hidden_size, w]))
-            .saturating_add(self.encoder.min_params())
+            .saturating_add(params(&[self.image_dim(), w]))
+            .saturating_add(self.encoder.as_ref().map_or(0, |e| e.min_params()))
     }
 
     /// Every size of the config, each named by its key (the config comes from a file).
     pub fn validate(&self) -> Result<()> {
         use crate::models::{check_range, MAX_DEPTH, MAX_WIDTH};
         const WHAT: &str = "hypernetwork config";
-        self.encoder.validate()?;
+        match (&self.encoder, &self.ip_adapter) {
+            (Some(e), None) => {
+                e.validate()?;
+            }
+            (None, Some(ip)) => {
+                check_range(WHAT, "ip_adapter.hidden_size", ip.hidden_size, 1, MAX_WIDTH)?;
+                check_range(WHAT, "ip_adapter.tokens", ip.tokens, 1, 1 << 20)?;
+                if !ip.scale.is_finite() {
+                    bail!("{WHAT}: ip_adapter.scale must be a finite number");
+                }
+                if ip.sha256.len() != 64 || !ip.sha256.bytes().all(|c| c.is_ascii_hexdigit()) {
+                    bail!("{WHAT}: ip_adapter.sha256 is not a SHA-256 hex digest");
+                }
+            }
+            _ => bail!("{WHAT}: give exactly one of encoder (its own ViT) and ip_adapter (the adapter's image encoder)"),
+        }
         let d = &self.decoder;
         for (key, v, min, max) in [
             ("decoder.rank", d.rank, 1, 1 << 12),
@@ -223,6 +332,17 @@ impl HypernetConfig {
                 d.width,
                 d.heads
             );
+        }
+        if d.kind == DecoderKind::Resampler {
+            if d.rounds != 1
+                || d.width % decoder::DIM_HEAD != 0
+                || d.heads != d.width / decoder::DIM_HEAD
+            {
+                bail!(
+                    "{WHAT}: a resampler decoder has rounds 1 and width a multiple of {0} with heads = width / {0} (got rounds {1}, width {2}, heads {3})",
+                    decoder::DIM_HEAD, d.rounds, d.width, d.heads
+                );
+            }
         }
         if let Some(l) = &d.lidb {
             check_range(WHAT, "decoder.lidb.a", l.a, 1, MAX_WIDTH)?;
@@ -263,8 +383,11 @@ impl HypernetConfig {
         if let Some(l) = &self.decoder.lidb {
             l.validate()?;
         }
+        let Some(encoder) = &self.encoder else {
+            return Ok(());
+        };
         let pre = self.preprocessor()?;
-        let side = self.encoder.image_size as u32;
+        let side = encoder.image_size as u32;
         let out = match (pre.do_center_crop, pre.size) {
             (true, _) => pre.crop_size,
             (false, crate::io::preprocess::Size::Exact { height, width }) => (height, width),
@@ -284,8 +407,9 @@ impl HypernetConfig {
 /// choice of trainable variables (see [`Hypernetwork::new`]).
 pub struct Hypernetwork {
     pub config: HypernetConfig,
-    pub encoder: ViTModel,
-    pub decoder: WeightDecoder,
+    /// Its own frozen ViT (`None` in the open category: the IP-Adapter's encoder is shared).
+    pub encoder: Option<ViTModel>,
+    pub decoder: Decoder,
     pub preprocess: Preprocess,
     /// LiDB's frozen bases when the decoder predicts LiDB weights.
     pub lidb: Option<LidbBasis>,
@@ -295,10 +419,21 @@ impl Hypernetwork {
     /// Builds the encoder under `vs/encoder` and the decoder under `vs/decoder`.
     pub fn new(vs: &nn::Path, config: &HypernetConfig) -> Result<Self> {
         config.validate()?;
-        let encoder = ViTModel::new(vs / "encoder", &config.encoder, false)?;
+        let encoder = match &config.encoder {
+            Some(e) => Some(ViTModel::new(vs / "encoder", e, false)?),
+            None => None,
+        };
         let decoder = {
             let _rng = crate::util::rng_lock();
-            WeightDecoder::new(vs / "decoder", config.dims(), &config.matrices())?
+            let (dims, m) = (config.dims(), config.matrices());
+            match config.decoder.kind {
+                DecoderKind::Transformer => {
+                    Decoder::Transformer(WeightDecoder::new(vs / "decoder", dims, &m)?)
+                }
+                DecoderKind::Resampler => {
+                    Decoder::Resampler(ResamplerDecoder::new(vs / "decoder", dims, &m)?)
+                }
+            }
         };
         let lidb = match config.decoder.lidb {
             Some(l) => Some(LidbBasis::new(l, &config.sites, vs.device())?),
@@ -387,13 +522,60 @@ impl Hypernetwork {
     /// h(x) for a batch: one flat `[B, rows·cols]` per matrix (`lora_A`, `lora_B` per site).
     /// The encoder runs without gradient (it is frozen).
     pub fn forward(&self, pixel_values: &Tensor) -> Result<Vec<Tensor>> {
-        let device = self.decoder_device();
-        let tokens = tch::no_grad(|| self.encoder.forward(&pixel_values.to_device(device)))?;
+        let Some(encoder) = &self.encoder else {
+            bail!("{SHARED}");
+        };
+        let device = encoder.device();
+        let tokens = tch::no_grad(|| encoder.forward(&pixel_values.to_device(device)))?;
         self.decoder.forward(&tokens.last_hidden_state)
     }
 
-    fn decoder_device(&self) -> Device {
-        self.encoder.device()
+    /// h(x) from image features `[B, tokens, hidden]`: the open category's shared IP-Adapter
+    /// encoder states ([`crate::models::ip_adapter::ImageEncoder::penultimate`]).
+    pub fn decode(&self, features: &Tensor) -> Result<Vec<Tensor>> {
+        if let Some(ip) = &self.config.ip_adapter {
+            if features.size().get(1) != Some(&ip.tokens) {
+                bail!(
+                    "hypernetwork: the image encoder gives {:?} features, this hypernetwork was trained on [B, {}, {}]: another image encoder",
+                    features.size(),
+                    ip.tokens,
+                    ip.hidden_size
+                );
+            }
+        }
+        self.decoder.forward(features)
+    }
+
+    /// Fails unless this is an open-category hypernetwork trained on the IP-Adapter whose
+    /// file has SHA-256 `sha256`.
+    pub fn check_ip_adapter(&self, sha256: &str, shown: &str) -> Result<()> {
+        match &self.config.ip_adapter {
+            None => bail!("this hypernetwork has its own image encoder and was not trained with an IP-Adapter: drop --ip-adapter"),
+            Some(b) if b.sha256 != sha256 => bail!(
+                "this hypernetwork was trained with another IP-Adapter (SHA-256 {}…), not {shown} ({}…)",
+                &b.sha256[..12],
+                &sha256[..sha256.len().min(12)]
+            ),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// Personalizes from user images through the shared IP-Adapter image encoder (open
+    /// category): preprocess as the encoder does, `hidden_states[-2]`, h(x_n), average → LoRA.
+    pub fn personalize_shared(
+        &self,
+        encoder: &crate::models::ip_adapter::ImageEncoder,
+        images: &[RgbImage],
+    ) -> Result<LoraSet> {
+        if images.is_empty() {
+            bail!("personalize needs at least one image");
+        }
+        for img in images {
+            check_image_size(img)?;
+        }
+        let features = encoder.penultimate(&encoder.pixel_values(images)?)?;
+        let theta = tch::no_grad(|| self.decode(&features))?;
+        self.lora_set(&theta)
     }
 
     /// The matrix specs, after checking `theta` has one tensor per matrix.
@@ -494,6 +676,7 @@ impl Hypernetwork {
     }
 
     /// Personalizes from user images: preprocess, h(x_n) for each, average → LoRA.
+    /// (Open category: [`Self::personalize_shared`].)
     pub fn personalize(&self, images: &[RgbImage]) -> Result<LoraSet> {
         if images.is_empty() {
             bail!("personalize needs at least one image");

@@ -111,7 +111,7 @@ fn d_vision() -> ClipVisionConfig {
 }
 
 /// transformers' `CLIPVisionConfig` (field names and defaults as there).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClipVisionConfig {
     #[serde(default = "d_hidden")]
     pub hidden_size: i64,
@@ -413,7 +413,7 @@ fn d_vision_projection() -> i64 {
 
 /// transformers' `CLIPVisionConfig` as a `CLIPVisionModelWithProjection` folder's config.json
 /// holds it: the tower's fields plus `projection_dim`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClipVisionWithProjectionConfig {
     #[serde(flatten)]
     pub vision: ClipVisionConfig,

@@ -195,10 +195,17 @@ pub struct Resampler {
 }
 
 impl Resampler {
-    fn new(vs: nn::Path, s: ResamplerShape) -> Self {
+    /// Builds the Resampler under `vs` (`latents`, `proj_in`, `layers.*`, `proj_out`,
+    /// `norm_out`). Trainable inits as IP-Adapter's `Resampler.__init__`: latents ~
+    /// N(0, 1)/√hidden, torch's default Linear init, LayerNorm 1/0 (a loaded file overwrites all).
+    pub(crate) fn new(vs: nn::Path, s: ResamplerShape) -> Self {
         let _rng = crate::util::rng_lock();
+        let latents = crate::util::init(nn::Init::Randn {
+            mean: 0.0,
+            stdev: (s.hidden as f64).powf(-0.5),
+        });
         Self {
-            latents: vs.zeros("latents", &[1, s.num_queries, s.hidden]),
+            latents: vs.var("latents", &[1, s.num_queries, s.hidden], latents),
             proj_in: Linear::new(&vs / "proj_in", s.embed, s.hidden, true),
             layers: (0..s.depth)
                 .map(|i| ResamplerBlock::new(&vs / "layers" / i, &s))
@@ -278,7 +285,8 @@ pub struct IpAdapter {
     pub image_proj: ImageProj,
     /// `n` → (`to_k_ip`, `to_v_ip`) weights `[hidden, cross]` as the file has them.
     ip: BTreeMap<usize, (Tensor, Tensor)>,
-    _vs: nn::VarStore,
+    /// The loaded file's variables (`None`: the caller's store, [`Self::new_plus`]).
+    _vs: Option<nn::VarStore>,
 }
 
 fn shape_of(shapes: &BTreeMap<String, Vec<i64>>, key: &str) -> Result<Vec<i64>> {
@@ -446,7 +454,7 @@ impl IpAdapter {
             path: path.to_path_buf(),
             image_proj,
             ip,
-            _vs: vs,
+            _vs: Some(vs),
         })
     }
 
@@ -482,6 +490,70 @@ impl IpAdapter {
             heads: inner / DIM_HEAD,
             ff_inner,
         })
+    }
+
+    /// A new IP-Adapter-Plus for the UNet `unet` with a Resampler of `shape`, its variables
+    /// under `vs` (named as the file's keys, trainable), initialised as IP-Adapter's training
+    /// script initialises them: `to_k_ip`/`to_v_ip` copies of each attn2's `to_k`/`to_v`
+    /// (tutorial_train_plus.py), the Resampler as [`Resampler::new`].
+    pub fn new_plus(
+        vs: &nn::Path,
+        shape: ResamplerShape,
+        unet: &crate::models::unet::UNet2DConditionModel,
+    ) -> Result<Self> {
+        let slots = attn2_slots(&unet.config)?;
+        if let Some(s) = slots.iter().find(|s| s.cross != shape.output) {
+            bail!(
+                "IP-Adapter-Plus: Resampler output {} ≠ the cross_attention_dim {} of {}",
+                shape.output,
+                s.cross,
+                s.module_path()
+            );
+        }
+        let image_proj = ImageProj::Plus(Resampler::new(vs / "image_proj", shape));
+        let frozen = unet.attn2_kv();
+        let mut ip = BTreeMap::new();
+        for s in &slots {
+            let (k, v) = frozen
+                .get(&s.site)
+                .with_context(|| format!("the UNet has no {}", s.module_path()))?;
+            let p = vs / "ip_adapter" / s.key_id;
+            let copy = |name: &str, w: &Tensor| {
+                let t = (&p / name).var("weight", &w.size(), nn::Init::Const(0.0));
+                tch::no_grad(|| t.shallow_clone().copy_(w));
+                t
+            };
+            ip.insert(s.key_id, (copy("to_k_ip", k), copy("to_v_ip", v)));
+        }
+        Ok(Self {
+            path: PathBuf::new(),
+            image_proj,
+            ip,
+            _vs: None,
+        })
+    }
+
+    /// Writes the adapter in the tencent/h94 flat layout (`image_proj.*`, `ip_adapter.*`), the
+    /// layout [`Self::load`] and diffusers' `load_ip_adapter` read; atomically.
+    pub fn save(&self, vs: &nn::VarStore, path: &Path, kind: Kind) -> Result<()> {
+        let tensors = crate::io::safetensors::sorted_variables(vs);
+        let keys = tensors
+            .iter()
+            .filter(|(n, _)| n.starts_with("image_proj.") || n.starts_with("ip_adapter."))
+            .count();
+        if keys != tensors.len() || self.ip.is_empty() {
+            bail!("IP-Adapter save: the variable store holds more than this adapter");
+        }
+        crate::io::safetensors::save(&tensors, kind, None, path)
+    }
+
+    /// The image tokens `[B, tokens, cross]` of an encoder output, with gradient (training);
+    /// [`Self::project`] is the inference form.
+    pub fn forward_proj(&self, input: &Tensor) -> Result<Tensor> {
+        match &self.image_proj {
+            ImageProj::Plus(r) => r.forward(input),
+            ImageProj::Plain(p) => p.forward(input),
+        }
     }
 
     /// `"IP-Adapter-Plus"` or `"IP-Adapter"`.
@@ -573,10 +645,7 @@ impl IpAdapter {
     /// The image tokens `[B, tokens, cross]` of the encoder output this adapter takes
     /// ([`ImageEncoder::adapter_input`]).
     pub fn project(&self, input: &Tensor) -> Result<Tensor> {
-        tch::no_grad(|| match &self.image_proj {
-            ImageProj::Plus(r) => r.forward(input),
-            ImageProj::Plain(p) => p.forward(input),
-        })
+        tch::no_grad(|| self.forward_proj(input))
     }
 
     /// `to_k_ip`/`to_v_ip` per attn2 site of the UNet `cfg` builds, numbered as diffusers
@@ -702,6 +771,20 @@ impl ImageEncoder {
             preprocess,
             _vs: vs,
         })
+    }
+
+    /// Loads the encoder with the preprocessing diffusers' pipeline gives it for the base
+    /// folder `base`: the base's own `feature_extractor/` when it has one (SD1.5 hub folders
+    /// do), else `load_ip_adapter`'s `CLIPImageProcessor(size=image_size)` fallback; the
+    /// encoder folder's `preprocessor_config.json` is not read (diffusers does not read it).
+    pub fn for_base(dir: &Path, base: &Path, device: Device) -> Result<Self> {
+        let mut encoder = Self::load(dir, device)?.use_diffusers_preprocess();
+        let folder = crate::io::DiffusersFolder::open(base)?;
+        let extractor = base.join("feature_extractor");
+        if folder.component_class("feature_extractor").is_some() && extractor.is_dir() {
+            encoder.preprocess = encoder.preprocess.clone().from_folder(&extractor)?;
+        }
+        Ok(encoder)
     }
 
     /// Preprocess as diffusers' pipeline does whatever the folder holds.

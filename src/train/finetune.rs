@@ -203,7 +203,7 @@ pub fn finetune_lora(
         _ => None,
     };
     let c_null = match cfg.null_weight > 0.0 {
-        true => Some(tch::no_grad(|| sd.encode_prompt(""))?),
+        true => Some(tch::no_grad(|| sd.encode_text("", None, None))?),
         false => None,
     };
     let noise_cfg = crate::diffusion::SchedulerConfig::for_training(&sd.scheduler_json)?;
@@ -291,6 +291,8 @@ pub fn finetune_lora(
             target: schedule.target(&z, &noise, &t)?,
             t,
             ctx: c,
+            added: None,
+            image: None,
         };
         if let Some(cn) = &c_null {
             // Unconditional preservation: the subject rows again with the empty prompt.

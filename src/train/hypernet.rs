@@ -22,6 +22,17 @@
 //!    weights, subjects are drawn from K pre-optimised LiDB subjects ([`super::lidb`]) and
 //!    β·‖θ̂ − θ‖² (summed over the predicted numbers, averaged over the batch) is added.
 //!
+//! 8. Open category (`--ip-adapter`, seed paper §5.2): θ0 = base + IP-Adapter(-Plus). The input
+//!    image is encoded once by the adapter's frozen CLIP vision tower (`hidden_states[-2]`),
+//!    which feeds both the adapter's projection (the rows' image tokens, at the adapter scale)
+//!    and the hypernetwork's decoder; prior rows get the unconditional image, unconditional
+//!    preservation rows the unconditional image and text, as CFG's ∅ row at inference.
+//!
+//! Data: the toy world, `DIR/<subject>/*` folders, or `pairs.jsonl` (Subject200K-style pairs:
+//! one JSON object per line, `{"input": PATH, "target": PATH, "caption": TEXT, "class": WORD}`,
+//! paths relative to the file's folder; the target prompt is the caption with the token put
+//! before the first whole-word `class`, or "a <token> <class>, <caption>" without one).
+//!
 //! AdamW, constant LR after warm-up, gradient accumulation over `accumulate` micro-batches,
 //! progress bar, metrics log, atomic checkpoints, exact resume and the NaN guard come from
 //! [`super::train`]. Only the decoder trains; the encoder, text encoder, UNet and VAE are frozen.
@@ -32,10 +43,11 @@ use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 
 use super::lidb::LidbTargetsConfig;
-use super::{target_tensor, train, DenoiseRows, LoopConfig, StepOutput};
+use super::{target_tensor, train, DenoiseRows, LoopConfig, RowImages, StepOutput};
 use crate::data::{subject_prompt, Identity, Sample, Split, World, DEFAULT_TOKEN};
-use crate::hypernet::{DecoderConfig, HypernetConfig, Hypernetwork};
+use crate::hypernet::{DecoderConfig, HypernetConfig, Hypernetwork, IpAdapterBinding};
 use crate::io::preprocess::RgbImage;
+use crate::models::ip_adapter::{ImageEncoder, IpAdapter};
 use crate::models::vit::ViTModel;
 use crate::pipeline::StableDiffusion;
 
@@ -130,9 +142,104 @@ pub enum TrainData {
         subjects: Vec<(String, Vec<RgbImage>)>,
         class_images: Vec<RgbImage>,
     },
+    /// `pairs.jsonl` (Subject200K-style): images read when drawn.
+    Pairs {
+        pairs: Vec<Pair>,
+        class_images: Vec<RgbImage>,
+    },
+}
+
+/// One line of `pairs.jsonl`: the same subject in two images.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pair {
+    /// The hypernetwork's (and the IP-Adapter's) input image.
+    pub input: PathBuf,
+    /// The denoising target.
+    pub target: PathBuf,
+    /// The target's caption.
+    pub caption: String,
+    /// The subject's class word ("dog").
+    pub class: String,
+}
+
+impl Pair {
+    /// The target prompt: `token` before the caption's first whole-word `class`, or
+    /// "a <token> <class>, <caption>".
+    pub fn prompt(&self, token: &str) -> String {
+        let words: Vec<&str> = self.caption.split(' ').collect();
+        let is_class = |w: &&str| {
+            w.trim_matches(|c: char| !c.is_alphanumeric())
+                .eq_ignore_ascii_case(&self.class)
+        };
+        match words.iter().position(|w| is_class(w)) {
+            Some(i) => {
+                let mut out = words.clone();
+                let with = format!("{token} {}", words[i]);
+                out[i] = &with;
+                out.join(" ")
+            }
+            None => format!("a {token} {}, {}", self.class, self.caption),
+        }
+    }
 }
 
 impl TrainData {
+    /// Reads a `pairs.jsonl` (checking every line and that its images exist; a bad line is an
+    /// error naming its number) and an optional flat folder of class images.
+    pub fn from_pairs(path: &Path, class_dir: Option<&Path>) -> Result<Self> {
+        let shown = path.display();
+        let text = std::fs::read_to_string(path).with_context(|| format!("--data {shown}"))?;
+        let root = path.parent().unwrap_or(Path::new("."));
+        let mut pairs = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let n = i + 1;
+            let mut p: Pair = serde_json::from_str(line).map_err(|e| {
+                anyhow::anyhow!("{shown} line {n}: {e} (expected {{\"input\", \"target\", \"caption\", \"class\"}})")
+            })?;
+            if p.class.trim().is_empty() || p.class.contains(char::is_whitespace) {
+                bail!(
+                    "{shown} line {n}: \"class\" must be one word, got {:?}",
+                    p.class
+                );
+            }
+            for (key, f) in [("input", &mut p.input), ("target", &mut p.target)] {
+                if f.is_absolute() || f.components().any(|c| c == std::path::Component::ParentDir) {
+                    bail!(
+                        "{shown} line {n}: {key} {} must be a path inside {}",
+                        f.display(),
+                        root.display()
+                    );
+                }
+                *f = root.join(&*f);
+                if !f.is_file() {
+                    bail!(
+                        "{shown} line {n}: {key} image {}: no such file",
+                        f.display()
+                    );
+                }
+            }
+            pairs.push(p);
+        }
+        if pairs.is_empty() {
+            bail!("{shown}: no pairs (one JSON object per line)");
+        }
+        let class_images = match class_dir {
+            Some(d) => crate::io::folder::list_images(d)?
+                .iter()
+                .map(|p| RgbImage::open(p))
+                .collect::<Result<Vec<_>>>()?,
+            None => Vec::new(),
+        };
+        Ok(TrainData::Pairs {
+            pairs,
+            class_images,
+        })
+    }
+
     /// Reads `dir/<subject>/` image folders (and a flat folder of class images).
     pub fn from_folders(dir: &Path, class_dir: Option<&Path>, mode: DataMode) -> Result<Self> {
         let images_in = |d: &Path| -> Result<Vec<RgbImage>> {
@@ -178,10 +285,10 @@ impl TrainData {
     }
 }
 
-/// One micro-batch: encoder pixels `[B, 3, s, s]`, target images `[B(+B), 3, H, W]` in [-1, 1]
+/// One micro-batch: the input images, target images `[B(+B), 3, H, W]` in [-1, 1]
 /// (subject rows, then prior rows when γ > 0) and their prompts.
 struct MicroBatch {
-    pixels: Tensor,
+    inputs: Vec<RgbImage>,
     targets: Tensor,
     prompts: Vec<String>,
     prior_rows: bool,
@@ -207,11 +314,9 @@ pub(crate) fn toy_target(s: &Sample, size: i64) -> Result<Tensor> {
     )
 }
 
-#[allow(clippy::too_many_arguments)]
 fn micro_batch(
     cfg: &HypernetTrainConfig,
     data: &TrainData,
-    hyper: &Hypernetwork,
     size: i64,
     seed: u64,
     pool: Option<&[Identity]>,
@@ -287,12 +392,42 @@ fn micro_batch(
                 }
             }
         }
+        TrainData::Pairs {
+            pairs,
+            class_images,
+        } => {
+            let n = (cfg.batch as usize).min(pairs.len());
+            let mut order: Vec<usize> = (0..pairs.len()).collect();
+            // n distinct pairs (partial Fisher–Yates with the step's stream)
+            for i in 0..n {
+                let j = i + world.rng().below(pairs.len() - i);
+                order.swap(i, j);
+            }
+            for &k in &order[..n] {
+                let p = &pairs[k];
+                let input = RgbImage::open(&p.input)?;
+                let target = match cfg.mode {
+                    DataMode::Single => input.clone(),
+                    DataMode::CrossView => RgbImage::open(&p.target)?,
+                };
+                targets.push(target_tensor(&target, size)?);
+                inputs.push(input);
+                prompts.push(p.prompt(&cfg.token));
+                if prior {
+                    if class_images.is_empty() {
+                        bail!("gamma > 0 (prior preservation) needs --class-data");
+                    }
+                    let c = &class_images[world.rng().below(class_images.len())];
+                    prior_targets.push(target_tensor(c, size)?);
+                    prior_prompts.push(format!("a {}", p.class));
+                }
+            }
+        }
     }
-    let pixels = hyper.pixel_values(&inputs)?;
     targets.extend(prior_targets);
     prompts.extend(prior_prompts);
     Ok(MicroBatch {
-        pixels,
+        inputs,
         targets: Tensor::stack(&targets, 0),
         prompts,
         prior_rows: prior,
@@ -330,10 +465,72 @@ fn load_encoder(vs: &nn::VarStore, dir: &Path) -> Result<()> {
     })
 }
 
+/// The open category's θ0 addition: an IP-Adapter(-Plus) file, its image encoder folder and
+/// the adapter scale (default 1.0).
+pub struct IpTrain<'a> {
+    pub file: &'a Path,
+    pub image_encoder: &'a Path,
+    pub scale: f64,
+}
+
+/// The loaded IP-Adapter side of θ0.
+struct Shared {
+    adapter: IpAdapter,
+    encoder: ImageEncoder,
+    weights: crate::models::unet::IpWeights,
+    /// The unconditional image's tokens `[1, T, cross]`.
+    uncond: Tensor,
+    binding: IpAdapterBinding,
+}
+
+impl Shared {
+    fn load(ip: &IpTrain, base: &Path, sd: &StableDiffusion, device: Device) -> Result<Self> {
+        if !ip.scale.is_finite() {
+            bail!(
+                "--ip-adapter-scale must be a finite number, got {}",
+                ip.scale
+            );
+        }
+        let adapter = IpAdapter::load(ip.file, device)?;
+        let weights = std::rc::Rc::new(adapter.attn_weights(&sd.unet.config)?);
+        let encoder = ImageEncoder::for_base(ip.image_encoder, base, device)?;
+        adapter.check_encoder(&encoder)?;
+        if !matches!(
+            adapter.image_proj,
+            crate::models::ip_adapter::ImageProj::Plus(_)
+        ) {
+            bail!(
+                "--ip-adapter {}: the open-category hypernetwork reads an IP-Adapter-Plus's encoder states (hidden_states[-2]); this is a plain IP-Adapter",
+                ip.file.display()
+            );
+        }
+        let s = encoder.model.config.vision.image_size;
+        let zeros = Tensor::zeros([1, 3, s, s], (Kind::Float, device));
+        let states = encoder.penultimate(&zeros)?;
+        let uncond = adapter.project(&states)?;
+        let binding = IpAdapterBinding {
+            sha256: crate::io::sha256_file(ip.file)?,
+            hidden_size: states.size()[2],
+            tokens: states.size()[1],
+            scale: ip.scale,
+        };
+        Ok(Self {
+            adapter,
+            encoder,
+            weights,
+            uncond,
+            binding,
+        })
+    }
+}
+
 /// What [`train_hypernet`] needs besides its config.
 pub struct HypernetJob<'a> {
     pub base: &'a Path,
-    pub encoder: &'a Path,
+    /// The hypernetwork's own frozen ViT folder (closed category)…
+    pub encoder: Option<&'a Path>,
+    /// … or the IP-Adapter whose encoder it shares (open category).
+    pub ip_adapter: Option<IpTrain<'a>>,
     pub data: TrainData,
     pub out: &'a Path,
     pub resume: bool,
@@ -345,30 +542,39 @@ pub fn train_hypernet(cfg: &HypernetTrainConfig, job: HypernetJob) -> Result<Pat
     cfg.validate()?;
     let device = job.device;
     let sd = StableDiffusion::load(job.base, device)?;
-    let encoder_cfg: crate::models::vit::ViTConfig = {
-        let folder_cfg = crate::io::folder::read_json(&job.encoder.join("config.json"))
-            .with_context(|| format!("--encoder {}", job.encoder.display()))?;
-        serde_json::from_value(folder_cfg)
-            .with_context(|| format!("--encoder {}: not a ViT config", job.encoder.display()))?
+    let shared = match &job.ip_adapter {
+        Some(ip) => Some(Shared::load(ip, job.base, &sd, device)?),
+        None => None,
     };
-    let pre_path = job.encoder.join("preprocessor_config.json");
-    // Without a preprocessor_config.json: transformers' ViT processor at the model's size.
-    let preprocess = match pre_path.is_file() {
-        true => crate::io::folder::read_json(&pre_path)?,
-        false => {
-            let s = encoder_cfg.image_size;
-            serde_json::json!({"size": {"height": s, "width": s}})
+    let (sites, fingerprint) = (sd.unet.lora_sites().to_vec(), sd.unet.lora_fingerprint());
+    let hcfg = match (&shared, job.encoder) {
+        (Some(sh), None) => {
+            HypernetConfig::on_ip_adapter(cfg.decoder, sh.binding.clone(), sites, fingerprint)
         }
+        (None, Some(enc)) => {
+            let encoder_cfg: crate::models::vit::ViTConfig = {
+                let folder_cfg = crate::io::folder::read_json(&enc.join("config.json"))
+                    .with_context(|| format!("--encoder {}", enc.display()))?;
+                serde_json::from_value(folder_cfg)
+                    .with_context(|| format!("--encoder {}: not a ViT config", enc.display()))?
+            };
+            let pre_path = enc.join("preprocessor_config.json");
+            // Without a preprocessor_config.json: transformers' ViT processor at the model's size.
+            let preprocess = match pre_path.is_file() {
+                true => crate::io::folder::read_json(&pre_path)?,
+                false => {
+                    let s = encoder_cfg.image_size;
+                    serde_json::json!({"size": {"height": s, "width": s}})
+                }
+            };
+            HypernetConfig::new(cfg.decoder, encoder_cfg, preprocess, sites, fingerprint)
+        }
+        (Some(_), Some(_)) => bail!("--encoder and --ip-adapter exclude each other: an open-category hypernetwork reads the IP-Adapter's image encoder"),
+        (None, None) => bail!("give --encoder DIR (the hypernetwork's own ViT) or --ip-adapter FILE (open category)"),
     };
     let hcfg = HypernetConfig {
         lambda: Some(cfg.lambda),
-        ..HypernetConfig::new(
-            cfg.decoder,
-            encoder_cfg,
-            preprocess,
-            sd.unet.lora_sites().to_vec(),
-            sd.unet.lora_fingerprint(),
-        )
+        ..hcfg
     };
     // 7. The pre-optimised LiDB subjects (cached in the run folder).
     let lidb_targets = match &cfg.lidb_targets {
@@ -385,22 +591,27 @@ pub fn train_hypernet(cfg: &HypernetTrainConfig, job: HypernetJob) -> Result<Pat
         None => None,
     };
     let pool = lidb_targets.as_ref().map(|(t, _)| t.identities.as_slice());
-    // 6. The empty prompt's embedding, once (frozen text encoder).
+    // 6. The unconditional text (CFG's ∅ row), once (frozen text encoder).
     let c_null = match cfg.null_weight > 0.0 {
-        true => Some(tch::no_grad(|| sd.encode_prompt(""))?),
+        true => Some(tch::no_grad(|| {
+            sd.encode_uncond(None, None, &sd.encode_text("", None, None)?)
+        })?),
         false => None,
     };
     let _rng = crate::util::rng_lock();
     tch::manual_seed(cfg.loop_cfg.seed as i64);
     let mut vs = nn::VarStore::new(device);
     let hyper = Hypernetwork::new(&vs.root(), &hcfg)?;
-    load_encoder(&vs, job.encoder)?;
+    if let Some(enc) = job.encoder {
+        load_encoder(&vs, enc)?;
+    }
     for (name, t) in vs.variables() {
         if name.starts_with("encoder.") {
             let _ = t.set_requires_grad(false);
         }
     }
     let size = sd.default_size();
+    let time_ids = sd.training_time_ids(size);
     let scaling = sd.vae.config().scaling_factor;
     let noise_cfg = crate::diffusion::SchedulerConfig::for_training(&sd.scheduler_json)?;
     let schedule = crate::diffusion::NoiseSchedule::new(&noise_cfg)?;
@@ -420,10 +631,19 @@ pub fn train_hypernet(cfg: &HypernetTrainConfig, job: HypernetJob) -> Result<Pat
             let (mut w_sum, mut null_sum) = (0.0, 0.0);
             for micro in 0..acc {
                 let seed = super::step_seed(cfg.world_seed, step * acc as u64 + micro as u64);
-                let mb = micro_batch(cfg, &job.data, &hyper, size, seed, pool)?;
-                let b = mb.pixels.size()[0];
+                let mb = micro_batch(cfg, &job.data, size, seed, pool)?;
+                let b = mb.inputs.len() as i64;
                 // 1–2. h(x) → per-sample LoRA; prior rows reuse their subject's prediction.
-                let theta = hyper.forward(&mb.pixels)?;
+                // Open category: the adapter's encoder states feed the decoder and the
+                // adapter's image tokens [B, T, cross].
+                let (theta, tokens) = match &shared {
+                    None => (hyper.forward(&hyper.pixel_values(&mb.inputs)?)?, None),
+                    Some(sh) => {
+                        let px = sh.encoder.pixel_values(&mb.inputs)?.to_device(device);
+                        let f = sh.encoder.penultimate(&px)?;
+                        (hyper.decode(&f)?, Some(sh.adapter.project(&f)?))
+                    }
+                };
                 // rows: subject, then prior (γ > 0), then unconditional (null_weight > 0)
                 let null_rows = c_null.is_some();
                 let rows = 1 + mb.prior_rows as i64 + null_rows as i64;
@@ -432,30 +652,33 @@ pub fn train_hypernet(cfg: &HypernetTrainConfig, job: HypernetJob) -> Result<Pat
                     &theta_rows,
                     &Tensor::ones([rows * b], (Kind::Float, device)),
                 )?;
-                // 3. Frozen VAE and text encoder.
-                let (latents, ctx) = tch::no_grad(|| -> Result<(Tensor, Tensor)> {
+                // 3. Frozen VAE and text encoder(s).
+                let (latents, text) = tch::no_grad(|| -> Result<_> {
                     let z = sd.vae.encode(&mb.targets.to_device(device))?.mean * scaling;
                     let texts: Vec<&str> = mb.prompts.iter().map(String::as_str).collect();
-                    let ids = sd.tokenizer.encode_batch(&texts).to_device(device);
-                    Ok((z, sd.text_encoder.forward(&ids)?))
+                    Ok((z, sd.encode_prompts(&texts)?))
                 })?;
                 let n = latents.size()[0];
                 let t = Tensor::randint(n_train, [n], (Kind::Int64, device));
                 let noise = latents.randn_like();
-                let mut dn = DenoiseRows {
-                    noisy: schedule.add_noise(&latents, &noise, &t)?,
-                    target: schedule.target(&latents, &noise, &t)?,
-                    t,
-                    ctx,
-                };
-                // Diagnostic: the frozen base on the same noisy subject rows (ΔW = 0).
+                let (noisy, target) = (
+                    schedule.add_noise(&latents, &noise, &t)?,
+                    schedule.target(&latents, &noise, &t)?,
+                );
+                let mut dn = DenoiseRows::new(noisy, t, &text, target, time_ids.as_ref());
+                if let (Some(sh), Some(tokens)) = (&shared, tokens) {
+                    // subject rows: the input's tokens; prior rows: the unconditional image
+                    let prior = sh.uncond.repeat([n - b, 1, 1]);
+                    dn.image = Some(RowImages {
+                        tokens: Tensor::cat(&[tokens, prior], 0),
+                        uncond: sh.uncond.shallow_clone(),
+                        scale: sh.binding.scale,
+                        weights: sh.weights.clone(),
+                    });
+                }
+                // Diagnostic: the frozen θ0 on the same noisy subject rows (ΔW = 0).
                 let l_base = tch::no_grad(|| -> Result<f64> {
-                    let p0 = sd.unet.forward(
-                        &dn.noisy.narrow(0, 0, b),
-                        &dn.t.narrow(0, 0, b),
-                        &dn.ctx.narrow(0, 0, b),
-                        None,
-                    )?;
+                    let p0 = dn.eps(&sd, 0, b, None)?;
                     Ok((p0 - dn.target.narrow(0, 0, b))
                         .square()
                         .mean(Kind::Float)
@@ -466,7 +689,7 @@ pub fn train_hypernet(cfg: &HypernetTrainConfig, job: HypernetJob) -> Result<Pat
                     // 6. The subject rows with the empty prompt; target: the frozen model's ε.
                     dn.append_null_rows(&sd, cn, b)?;
                 }
-                let pred = sd.unet.forward(&dn.noisy, &dn.t, &dn.ctx, Some(&lora))?;
+                let pred = dn.eps(&sd, 0, rows * b, Some(&lora))?;
                 // [rows·B, C, h, w] → per-row MSE [rows·B]
                 let per_row =
                     (pred - &dn.target)

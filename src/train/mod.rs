@@ -12,6 +12,7 @@ pub mod encoder;
 pub mod evaluators;
 pub mod finetune;
 pub mod hypernet;
+pub mod ip_adapter;
 pub mod lidb;
 pub mod optim;
 
@@ -154,32 +155,122 @@ pub fn target_tensor(img: &crate::io::preprocess::RgbImage, size: i64) -> Result
     Ok(prep.pixel_values(img))
 }
 
-/// One denoising batch: noisy latents, timesteps, text embeddings and ε targets, row-aligned.
+/// One denoising batch: noisy latents, timesteps, text embeddings and ε targets, row-aligned,
+/// with SDXL's added conditioning and IP-Adapter image tokens when the base has them.
 pub(crate) struct DenoiseRows {
     pub noisy: Tensor,
     pub t: Tensor,
     pub ctx: Tensor,
     pub target: Tensor,
+    /// SDXL: pooled text embeds `[rows, P]` and time ids `[rows, 6]`.
+    pub added: Option<(Tensor, Tensor)>,
+    /// IP-Adapter (θ0 includes it): image tokens per row.
+    pub image: Option<RowImages>,
+}
+
+/// IP-Adapter image tokens of the rows of a [`DenoiseRows`].
+pub(crate) struct RowImages {
+    /// `[rows, T, cross]`
+    pub tokens: Tensor,
+    /// The unconditional image's tokens `[1, T, cross]` (unconditional-preservation rows).
+    pub uncond: Tensor,
+    pub scale: f64,
+    pub weights: crate::models::unet::IpWeights,
 }
 
 impl DenoiseRows {
+    pub(crate) fn new(
+        noisy: Tensor,
+        t: Tensor,
+        cond: &crate::pipeline::TextCond,
+        target: Tensor,
+        time_ids: Option<&Tensor>,
+    ) -> Self {
+        let added = cond.pooled.as_ref().zip(time_ids).map(|(p, ids)| {
+            // [1, 6] → [rows, 6]
+            (p.shallow_clone(), ids.expand([p.size()[0], -1], false))
+        });
+        Self {
+            noisy,
+            t,
+            ctx: cond.hidden.shallow_clone(),
+            target,
+            added,
+            image: None,
+        }
+    }
+
+    /// ε of rows `start..start + len` (with `lora` for those rows, when given).
+    pub(crate) fn eps(
+        &self,
+        sd: &crate::pipeline::StableDiffusion,
+        start: i64,
+        len: i64,
+        lora: Option<&crate::lora::LoraBatch>,
+    ) -> Result<Tensor> {
+        use crate::models::unet::{AddedCond, ImageTokens, UNetCond};
+        let rows = |t: &Tensor| t.narrow(0, start, len);
+        let ctx = rows(&self.ctx);
+        let added = self.added.as_ref().map(|(p, ids)| (rows(p), rows(ids)));
+        let image = self.image.as_ref().map(|im| ImageTokens {
+            tokens: rows(&im.tokens),
+            scale: Tensor::full([len], im.scale, (tch::Kind::Float, self.noisy.device())),
+            weights: im.weights.clone(),
+        });
+        let cond = UNetCond {
+            text: &ctx,
+            added: added.as_ref().map(|(text_embeds, time_ids)| AddedCond {
+                text_embeds,
+                time_ids,
+            }),
+            image: image.as_ref(),
+        };
+        sd.unet
+            .forward_cond(&rows(&self.noisy), &rows(&self.t), &cond, lora)
+    }
+
     /// Unconditional preservation (finetuning and hypernetwork training): appends the first `b`
-    /// rows again with the empty prompt's embedding `c_null` `[1, 77, D]`, the frozen model's ε
-    /// on them as their targets.
+    /// rows again with the unconditional text `c_null` (one row) and, with an IP-Adapter, the
+    /// unconditional image, the frozen model's ε on them as their targets.
     pub(crate) fn append_null_rows(
         &mut self,
         sd: &crate::pipeline::StableDiffusion,
-        c_null: &Tensor,
+        c_null: &crate::pipeline::TextCond,
         b: i64,
     ) -> Result<()> {
         let (xs, ts) = (self.noisy.narrow(0, 0, b), self.t.narrow(0, 0, b));
-        // [1, 77, D] → [b, 77, D]
-        let cn = c_null.expand([b, -1, -1], false);
-        let eps0 = tch::no_grad(|| sd.unet.forward(&xs, &ts, &cn, None))?;
-        self.noisy = Tensor::cat(&[&self.noisy, &xs], 0);
-        self.t = Tensor::cat(&[&self.t, &ts], 0);
-        self.ctx = Tensor::cat(&[&self.ctx, &cn], 0);
-        self.target = Tensor::cat(&[&self.target, &eps0], 0);
+        // [1, …] → [b, …]
+        let null = c_null.repeat(b);
+        let mut rows = DenoiseRows {
+            noisy: xs,
+            t: ts,
+            ctx: null.hidden.shallow_clone(),
+            target: Tensor::zeros([0], (tch::Kind::Float, self.noisy.device())),
+            added: self
+                .added
+                .as_ref()
+                .zip(null.pooled.as_ref())
+                .map(|((_, ids), p)| (p.shallow_clone(), ids.narrow(0, 0, b))),
+            image: self.image.as_ref().map(|im| RowImages {
+                tokens: im.uncond.repeat([b, 1, 1]),
+                uncond: im.uncond.shallow_clone(),
+                scale: im.scale,
+                weights: im.weights.clone(),
+            }),
+        };
+        let eps0 = tch::no_grad(|| rows.eps(sd, 0, b, None))?;
+        let cat = |a: &Tensor, b: &Tensor| Tensor::cat(&[a, b], 0);
+        self.noisy = cat(&self.noisy, &rows.noisy);
+        self.t = cat(&self.t, &rows.t);
+        self.ctx = cat(&self.ctx, &rows.ctx);
+        self.target = cat(&self.target, &eps0);
+        if let (Some((p, ids)), Some((pn, idn))) = (&mut self.added, rows.added.take()) {
+            *p = cat(p, &pn);
+            *ids = cat(ids, &idn);
+        }
+        if let (Some(im), Some(imn)) = (&mut self.image, rows.image.take()) {
+            im.tokens = cat(&im.tokens, &imn.tokens);
+        }
         Ok(())
     }
 }

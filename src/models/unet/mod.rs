@@ -207,6 +207,23 @@ impl UNet2DConditionModel {
         down.chain(self.mid_block.attentions()).chain(up)
     }
 
+    /// Every attn2's frozen `(to_k, to_v)` weights `[inner, cross]`, by transformer block
+    /// (IP-Adapter's training initialises `to_k_ip`/`to_v_ip` from them).
+    pub fn attn2_kv(
+        &self,
+    ) -> std::collections::BTreeMap<crate::lora::TransformerSite, (Tensor, Tensor)> {
+        self.transformers()
+            .flat_map(|t| t.blocks())
+            .map(|b| {
+                let [_, k, v] = b.lora_site_weights();
+                (
+                    b.lora_sites()[0].transformer,
+                    (k.shallow_clone(), v.shallow_clone()),
+                )
+            })
+            .collect()
+    }
+
     /// Every LoRA site (attn2 to_q/to_k/to_v), in module order: down blocks, mid, up blocks.
     pub fn lora_sites(&self) -> &[LoraSite] {
         &self.sites
