@@ -36,7 +36,9 @@ pub struct App {
 
 /// Every route, with the JSON body limit and the larger upload limit on `/api/subjects`.
 pub fn router(app: App) -> Router {
-    let upload_limit = app.shared.limits.max_upload_bytes;
+    // The hard limit is twice the upload limit: between the two, read_images drains the body
+    // and answers 413 as JSON; beyond it the connection is cut.
+    let upload_limit = app.shared.limits.max_upload_bytes.saturating_mul(2);
     let json_limit = app.shared.limits.max_json_bytes;
     Router::new()
         .route("/", get(super::web::index))
@@ -174,11 +176,12 @@ fn decode_upload(bytes: &[u8], field: &str) -> ApiResult<RgbImage> {
     Ok(img)
 }
 
-fn multipart_error(e: axum::extract::multipart::MultipartError, max: usize) -> ApiError {
+fn multipart_error(
+    e: axum::extract::multipart::MultipartError,
+    limits: &super::state::Limits,
+) -> ApiError {
     if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::too_large(format!("the upload is larger than {max} bytes in all"))
-            .field("images")
-            .hint("send fewer or smaller images (serve --max-upload-bytes)")
+        multipart_too_large(limits)
     } else {
         ApiError::bad_request(format!("malformed multipart body: {}", e.body_text()))
     }
@@ -196,64 +199,8 @@ async fn post_subject(
                 .hint("send the images as form fields named \"images\""),
         );
     }
-    let mut mp = mp.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    let mut files: Vec<Vec<u8>> = Vec::new();
-    let mut total = 0usize;
-    loop {
-        let field = match mp.next_field().await {
-            Ok(Some(f)) => f,
-            Ok(None) => break,
-            Err(e) => return Err(multipart_error(e, limits.max_upload_bytes)),
-        };
-        let name = field.name().unwrap_or("").to_string();
-        if !matches!(name.as_str(), "images" | "image" | "images[]") {
-            return Err(
-                ApiError::invalid(&name, format!("unknown form field {name:?}"))
-                    .hint("send the images as form fields named \"images\""),
-            );
-        }
-        let label = format!("images[{}]", files.len());
-        if files.len() == limits.max_images {
-            return Err(ApiError::invalid(
-                "images",
-                format!("at most {} images per subject", limits.max_images),
-            ));
-        }
-        let mut field = field;
-        let mut buf = Vec::new();
-        loop {
-            match field.chunk().await {
-                Ok(Some(chunk)) => {
-                    if buf.len() + chunk.len() > limits.max_image_bytes {
-                        return Err(ApiError::too_large(format!(
-                            "{label} is larger than {} bytes",
-                            limits.max_image_bytes
-                        ))
-                        .field(label)
-                        .hint("serve --max-image-bytes raises the limit"));
-                    }
-                    buf.extend_from_slice(&chunk);
-                }
-                Ok(None) => break,
-                Err(e) => return Err(multipart_error(e, limits.max_upload_bytes)),
-            }
-        }
-        total += buf.len();
-        if total > limits.max_upload_bytes {
-            return Err(ApiError::too_large(format!(
-                "the upload is larger than {} bytes in all",
-                limits.max_upload_bytes
-            ))
-            .field("images"));
-        }
-        files.push(buf);
-    }
-    if files.is_empty() {
-        return Err(
-            ApiError::invalid("images", "send 1 to 16 images of the subject")
-                .hint("form fields named \"images\" holding PNG or JPEG files"),
-        );
-    }
+    let mp = mp.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let files = read_images(mp, limits).await?;
     let shared = app.shared.clone();
     let id = shared.subject_id(&files);
     // Same images → same id: a cached subject costs no hypernetwork call.
@@ -318,6 +265,98 @@ async fn post_subject(
     let mut body = subject.json();
     body["cached"] = false.into();
     Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+/// The image files of an upload form (fields `images`), each within `max_image_bytes`, all
+/// within `max_upload_bytes`, at most `max_images`. After the first error the rest of the
+/// body is read and dropped (up to the route's hard limit), so that the client, still sending,
+/// receives the JSON error instead of a reset connection.
+async fn read_images(mut mp: Multipart, limits: &super::state::Limits) -> ApiResult<Vec<Vec<u8>>> {
+    let mut files: Vec<Vec<u8>> = Vec::new();
+    let mut total = 0usize;
+    let mut seen_field = false;
+    let mut failed: Option<ApiError> = None;
+    let no_images = || {
+        ApiError::invalid("images", "send 1 to 16 images of the subject")
+            .hint("form fields named \"images\" holding PNG or JPEG files")
+    };
+    loop {
+        let mut field = match mp.next_field().await {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            // A form with no part at all (only the closing boundary).
+            Err(_) if !seen_field => return Err(no_images()),
+            Err(e) => return Err(failed.unwrap_or_else(|| multipart_error(e, limits))),
+        };
+        seen_field = true;
+        let name = field.name().unwrap_or("").to_string();
+        let file_name = field.file_name().unwrap_or("").to_string();
+        let label = format!("images[{}]", files.len());
+        if failed.is_none() && !matches!(name.as_str(), "images" | "image" | "images[]") {
+            failed = Some(
+                ApiError::invalid(&name, format!("unknown form field {name:?}"))
+                    .hint("send the images as form fields named \"images\""),
+            );
+        }
+        let mut buf = Vec::new();
+        loop {
+            match field.chunk().await {
+                Ok(Some(chunk)) => {
+                    total += chunk.len();
+                    if failed.is_some() {
+                        continue;
+                    }
+                    if total > limits.max_upload_bytes {
+                        failed = Some(multipart_too_large(limits));
+                    } else if buf.len() + chunk.len() > limits.max_image_bytes {
+                        failed = Some(
+                            ApiError::too_large(format!(
+                                "{label} is larger than {} bytes",
+                                limits.max_image_bytes
+                            ))
+                            .field(label.clone())
+                            .hint("serve --max-image-bytes raises the limit"),
+                        );
+                    } else {
+                        buf.extend_from_slice(&chunk);
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => return Err(failed.unwrap_or_else(|| multipart_error(e, limits))),
+            }
+        }
+        if failed.is_some() {
+            continue;
+        }
+        // A browser's empty file input: no file name, no bytes.
+        if buf.is_empty() && file_name.is_empty() {
+            continue;
+        }
+        if files.len() == limits.max_images {
+            failed = Some(ApiError::invalid(
+                "images",
+                format!("at most {} images per subject", limits.max_images),
+            ));
+            continue;
+        }
+        files.push(buf);
+    }
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    if files.is_empty() {
+        return Err(no_images());
+    }
+    Ok(files)
+}
+
+fn multipart_too_large(limits: &super::state::Limits) -> ApiError {
+    ApiError::too_large(format!(
+        "the upload is larger than {} bytes in all",
+        limits.max_upload_bytes
+    ))
+    .field("images")
+    .hint("send fewer or smaller images (serve --max-upload-bytes)")
 }
 
 async fn lookup_subject(app: &App, id: &str) -> ApiResult<Subject> {

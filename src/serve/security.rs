@@ -50,9 +50,7 @@ impl Guard {
 
     fn host_ok(&self, host: &str) -> bool {
         let name = host_name(host).to_lowercase();
-        name == "localhost"
-            || name.parse::<IpAddr>().is_ok()
-            || self.allowed_hosts.contains(&name)
+        name == "localhost" || name.parse::<IpAddr>().is_ok() || self.allowed_hosts.contains(&name)
     }
 }
 
