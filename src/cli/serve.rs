@@ -53,6 +53,11 @@ pub struct ServeArgs {
     pub max_jobs: usize,
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// libtorch threads (default: the cores, or OMP_NUM_THREADS). On a machine whose cores are
+    /// also busy with other work, 1 avoids stalls of the thread team (measured: hypernetwork
+    /// calls of 5–20 ms instead of seconds under the load test).
+    #[arg(long)]
+    pub threads: Option<i32>,
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
@@ -71,6 +76,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
         .map(crate::serve::read_token)
         .transpose()?;
     let device = super::parse_device(&args.device)?;
+    if let Some(n) = args.threads {
+        if n < 1 {
+            anyhow::bail!("--threads must be at least 1");
+        }
+        tch::set_num_threads(n);
+    }
     let shown = |p: &PathBuf| p.display().to_string();
     let models = ModelPaths {
         base: crate::toy::resolve_base(&args.base)?,

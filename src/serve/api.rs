@@ -112,6 +112,7 @@ async fn system(State(app): State<App>) -> Json<Value> {
             "max_bytes": s.limits.max_cache_bytes,
             "hits": inner.subjects.hits,
             "misses": inner.subjects.misses,
+            "coalesced": inner.subjects.coalesced,
             "evictions": inner.subjects.evictions,
             "hypernet_calls": c.hypernet_calls.load(Ordering::Relaxed),
         });
@@ -226,42 +227,49 @@ async fn post_subject(
     })
     .await
     .map_err(|e| ApiError::internal(&e.into()))??;
-    shared.inner.lock().subjects.misses += 1;
+    // One hypernetwork call per subject: a concurrent upload of the same images waits for the
+    // call already under way.
     let (reply, answer) = tokio::sync::oneshot::channel();
-    let cmd = Command::Subject {
-        id: id.clone(),
-        images,
-        reply,
-    };
-    match app.tx.try_send(cmd) {
-        Ok(()) => {}
-        Err(TrySendError::Full(_)) => {
-            return Err(ApiError::busy(
-                "the worker has too many subjects waiting",
-                1,
-            ))
+    let leader = {
+        let mut inner = shared.inner.lock();
+        match inner.pending.get_mut(&id) {
+            Some(waiters) => {
+                waiters.push(reply);
+                inner.subjects.coalesced += 1;
+                false
+            }
+            None => {
+                inner.pending.insert(id.clone(), vec![reply]);
+                inner.subjects.misses += 1;
+                true
+            }
         }
-        Err(TrySendError::Disconnected(_)) => {
-            return Err(ApiError::busy("the server is shutting down", 5))
+    };
+    if leader {
+        let cmd = Command::Subject {
+            id: id.clone(),
+            images,
+        };
+        let refused = match app.tx.try_send(cmd) {
+            Ok(()) => None,
+            Err(TrySendError::Full(_)) => Some(("the worker has too many subjects waiting", 1)),
+            Err(TrySendError::Disconnected(_)) => Some(("the server is shutting down", 5)),
+        };
+        if let Some((why, secs)) = refused {
+            let waiters = shared.inner.lock().pending.remove(&id).unwrap_or_default();
+            for w in waiters {
+                let _ = w.send(Err(why.to_string()));
+            }
+            return Err(ApiError::busy(why, secs));
         }
     }
     let subject: Subject = match answer.await {
         Ok(Ok(s)) => s,
+        Ok(Err(msg)) if msg.contains("too many subjects") => return Err(ApiError::busy(msg, 1)),
+        Ok(Err(msg)) if msg == super::worker::SHUTTING_DOWN => return Err(ApiError::busy(msg, 5)),
         Ok(Err(msg)) => return Err(ApiError::invalid("images", msg)),
         Err(_) => return Err(ApiError::busy("the server is shutting down", 5)),
     };
-    if let Some(store) = shared.store.clone() {
-        let s = subject.clone();
-        tokio::task::spawn_blocking(move || store.save_subject(&s))
-            .await
-            .map_err(|e| ApiError::internal(&e.into()))?
-            .map_err(|e| ApiError::internal(&e))?;
-    }
-    shared.inner.lock().subjects.insert(
-        subject.clone(),
-        shared.limits.max_subjects,
-        shared.limits.max_cache_bytes,
-    );
     let mut body = subject.json();
     body["cached"] = false.into();
     Ok((StatusCode::CREATED, Json(body)).into_response())

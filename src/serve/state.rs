@@ -126,6 +126,8 @@ pub struct SubjectCache {
     bytes: usize,
     pub hits: u64,
     pub misses: u64,
+    /// Uploads that joined a personalization already under way.
+    pub coalesced: u64,
     pub evictions: u64,
 }
 
@@ -291,7 +293,13 @@ pub struct Inner {
     pub queue: VecDeque<String>,
     pub running: Option<String>,
     pub subjects: SubjectCache,
+    /// Subjects being personalized, with everyone waiting for them: concurrent uploads of the
+    /// same images share one hypernetwork call.
+    pub pending: HashMap<String, Vec<SubjectWaiter>>,
 }
+
+/// Where a personalized subject (or the reason it failed) is delivered.
+pub type SubjectWaiter = tokio::sync::oneshot::Sender<Result<Subject, String>>;
 
 impl Inner {
     /// 1-based place in the queue; 0 when not waiting.

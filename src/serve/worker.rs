@@ -32,12 +32,9 @@ use crate::pipeline::{Family, StableDiffusion};
 
 /// What handlers send the worker.
 pub enum Command {
-    /// Personalize a subject (decoded, size-checked images) and answer on `reply`.
-    Subject {
-        id: String,
-        images: Vec<RgbImage>,
-        reply: tokio::sync::oneshot::Sender<Result<Subject, String>>,
-    },
+    /// Personalize a subject (decoded, size-checked images), cache (and store) it, and answer
+    /// everyone waiting in [`super::state::Inner::pending`].
+    Subject { id: String, images: Vec<RgbImage> },
     /// A job was queued.
     Wake,
 }
@@ -63,6 +60,9 @@ struct Models {
 }
 
 const MEMO: usize = 8;
+
+/// The answer to uploads the worker will not serve any more.
+pub const SHUTTING_DOWN: &str = "the server is shutting down";
 
 fn load(paths: &ModelPaths, shared: &Shared) -> Result<Models> {
     let pipe = StableDiffusion::load(&paths.base, paths.device)
@@ -96,6 +96,7 @@ fn load(paths: &ModelPaths, shared: &Shared) -> Result<Models> {
     };
     let _ = shared.models.set(info);
     let lpb = layers_per_block(&pipe.unet.config);
+    warm_up(&pipe, &hyper)?;
     Ok(Models {
         pipe,
         hyper,
@@ -103,6 +104,25 @@ fn load(paths: &ModelPaths, shared: &Shared) -> Result<Models> {
         lpb,
         memo: VecDeque::new(),
     })
+}
+
+/// One hypernetwork call and a one-step image before the first request: libtorch's first
+/// calls (kernel selection, allocations, pages of its libraries) cost up to seconds, which
+/// would otherwise land on the first upload and the first job.
+fn warm_up(pipe: &StableDiffusion, hyper: &Hypernetwork) -> Result<()> {
+    let side = 64;
+    let grey = RgbImage::new(side, side, vec![128; (side * side * 3) as usize])?;
+    hyper
+        .personalize(&[grey])
+        .context("warming up the hypernetwork")?;
+    let req = crate::pipeline::GenerateRequest {
+        steps: 1,
+        guidance_scale: pipe.default_guidance_scale(),
+        ..crate::pipeline::GenerateRequest::new("")
+    };
+    pipe.generate_batch(&req, |_, _| {})
+        .context("warming up the pipeline")
+        .map(drop)
 }
 
 /// Loads the models, reports on `ready`, then serves commands and jobs until the command
@@ -145,8 +165,14 @@ pub fn run(
             Err(RecvTimeoutError::Disconnected) => break,
         }
     }
-    // Jobs still waiting are cancelled (nothing was written for them).
+    // Jobs still waiting are cancelled (nothing was written for them); uploads still waiting
+    // are answered.
     let mut inner = shared.inner.lock();
+    for (_, waiters) in inner.pending.drain() {
+        for w in waiters {
+            let _ = w.send(Err(SHUTTING_DOWN.to_string()));
+        }
+    }
     let waiting: Vec<String> = inner.queue.drain(..).collect();
     for id in waiting {
         if let Some(j) = inner.jobs.get_mut(&id) {
@@ -160,15 +186,35 @@ pub fn run(
 /// Serves one command with the hypernetwork (also called between denoising steps).
 fn serve_command(hyper: &Hypernetwork, lpb: Option<i64>, cmd: Command, shared: &Shared) {
     match cmd {
-        Command::Subject { id, images, reply } => {
-            let out = personalize(hyper, lpb, id, &images, shared).map_err(|e| {
-                let msg = format!("{e:#}");
-                msg.lines()
-                    .next()
-                    .unwrap_or("personalization failed")
-                    .to_string()
-            });
-            let _ = reply.send(out);
+        Command::Subject { id, images } => {
+            let out = personalize(hyper, lpb, id.clone(), &images, shared)
+                .and_then(|subject| {
+                    if let Some(store) = &shared.store {
+                        store.save_subject(&subject)?;
+                    }
+                    Ok(subject)
+                })
+                .map_err(|e| {
+                    let msg = format!("{e:#}");
+                    msg.lines()
+                        .next()
+                        .unwrap_or("personalization failed")
+                        .to_string()
+                });
+            let waiters = {
+                let mut inner = shared.inner.lock();
+                if let Ok(subject) = &out {
+                    inner.subjects.insert(
+                        subject.clone(),
+                        shared.limits.max_subjects,
+                        shared.limits.max_cache_bytes,
+                    );
+                }
+                inner.pending.remove(&id).unwrap_or_default()
+            };
+            for w in waiters {
+                let _ = w.send(out.clone());
+            }
         }
         Command::Wake => {}
     }
