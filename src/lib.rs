@@ -15,6 +15,7 @@ pub mod lora;
 pub mod models;
 pub mod nn;
 pub mod pipeline;
+pub mod serve;
 pub mod toy;
 pub mod train;
 

@@ -20,6 +20,7 @@
 //! it to both rows as diffusers' `load_lora_weights` does; Hybrid-Model CFG (paper §4.2, appendix
 //! A.2, SPEC §2) runs the rows (∅, base), (c_G, base), (c_S, LoRA) in ONE UNet call and combines
 //! ε̃ = ε₀(x,∅) + g·(κ·ε_θ(x,c_S) + (2−κ)·ε₀(x,c_G) − 2·ε₀(x,∅)).
+use std::ops::ControlFlow;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -669,6 +670,22 @@ impl StableDiffusion {
         req: &GenerateRequest,
         mut progress: impl FnMut(usize, usize),
     ) -> Result<Tensor> {
+        let images = self.generate_batch_with(req, |i, n| {
+            progress(i, n);
+            ControlFlow::Continue(())
+        })?;
+        images.context("internal error: the denoising loop stopped without being asked to")
+    }
+
+    /// [`Self::generate_batch`] with a step callback that may stop the loop: `step(i, n)` is
+    /// called after each step, and `ControlFlow::Break` ends the loop there (before the next
+    /// UNet call, nothing decoded) and returns `Ok(None)`. With a callback that always
+    /// continues, this is `generate_batch` exactly (the same loop, the same image).
+    pub fn generate_batch_with(
+        &self,
+        req: &GenerateRequest,
+        mut step: impl FnMut(usize, usize) -> ControlFlow<()>,
+    ) -> Result<Option<Tensor>> {
         let (h, w) = self.validate(req)?;
         let mut scheduler = self.scheduler(req.scheduler, req.steps)?;
         let guidance = req.guidance();
@@ -769,7 +786,9 @@ impl StableDiffusion {
                     guided = rescale_noise_cfg(&guided, &eps.chunk(2, 0)[1], req.guidance_rescale);
                 }
                 latents = scheduler.step(&guided, i, &latents)?;
-                progress(i + 1, timesteps.len());
+                if step(i + 1, timesteps.len()).is_break() {
+                    return Ok(None);
+                }
             }
 
             // 4. Decode.
@@ -777,10 +796,11 @@ impl StableDiffusion {
                 Family::Sd => latents / self.vae.config().scaling_factor,
                 Family::Sdxl { .. } => self.vae.config().unscale_latents_sdxl(&latents),
             };
-            Ok(self
-                .vae
-                .decode(&z.to_kind(self.vae_dtype))?
-                .to_kind(Kind::Float))
+            Ok(Some(
+                self.vae
+                    .decode(&z.to_kind(self.vae_dtype))?
+                    .to_kind(Kind::Float),
+            ))
         })
     }
 }

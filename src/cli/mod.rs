@@ -8,6 +8,7 @@ mod generate;
 mod lora;
 mod personalize;
 mod score;
+mod serve;
 mod train;
 mod world;
 
@@ -58,6 +59,8 @@ enum Command {
     Score(score::ScoreArgs),
     /// CLIP-I, CLIP-T and DINO over a DreamBench-style folder (per subject and mean).
     ScoreBench(score::ScoreBenchArgs),
+    /// Personalization as a local service: HTTP API, event stream and a web page.
+    Serve(serve::ServeArgs),
 }
 
 /// Runs the CLI; returns the process exit code.
@@ -99,6 +102,7 @@ pub fn main() -> i32 {
         Command::Experiment(cmd) => experiment::run(cmd),
         Command::Score(args) => score::run(args),
         Command::ScoreBench(args) => score::run_bench(args),
+        Command::Serve(args) => serve::run(args),
     };
     match result {
         Ok(()) => 0,
