@@ -186,16 +186,16 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
             crate::dist::Shard { rank: 0, world }
                 .rows(cfg.batch as usize, "subjects (config `batch`)")
                 .with_context(|| format!("--config {}", args.common.config.display()))?;
-            if topo.is_none() && args.dist.nproc > 1 {
-                // The launcher: N copies of this command, each a rank.
-                let argv: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
-                return launch::spawn_local(args.dist.nproc, &argv);
-            }
             let mut device = super::parse_device(&args.common.device)?;
             if let (Some(t), tch::Device::Cuda(_)) = (&topo, device) {
                 device = tch::Device::Cuda(t.local_rank);
             }
             let backend = Backend::choose(&args.dist.dist_backend, device)?;
+            if topo.is_none() && args.dist.nproc > 1 {
+                // The launcher: N copies of this command, each a rank.
+                let argv: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+                return launch::spawn_local(args.dist.nproc, &argv);
+            }
             let base = crate::toy::resolve_base(&args.base)?;
             let toy = args.data.to_str() == Some(crate::toy::NAME);
             if cfg.gamma > 0.0 && !toy && args.class_data.is_none() {
