@@ -99,6 +99,21 @@ std::vector<at::Tensor> gather(at::Tensor** tensors, size_t n) {
   return ts;
 }
 
+// The network interface Gloo's pairs bind to, as torch.distributed chooses it:
+// GLOO_SOCKET_IFNAME when set (its first entry), the loopback device when the master is this
+// machine's loopback address (one-machine jobs), else this host's default interface.
+std::shared_ptr<::gloo::transport::Device> gloo_device(const std::string& master) {
+  if (const char* ifname = std::getenv("GLOO_SOCKET_IFNAME"); ifname != nullptr && *ifname) {
+    std::string first(ifname);
+    first = first.substr(0, first.find(','));
+    return c10d::ProcessGroupGloo::createDeviceForInterface(first);
+  }
+  if (master == "localhost" || master.rfind("127.", 0) == 0 || master == "::1") {
+    return c10d::ProcessGroupGloo::createDeviceForHostname(master);
+  }
+  return c10d::ProcessGroupGloo::createDefaultDevice();
+}
+
 }  // namespace
 
 extern "C" {
@@ -132,7 +147,7 @@ void* lc_dist_init(const char* backend, const char* host, uint16_t port, int ran
     g->timeout = timeout;
     if (name == "gloo") {
       auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
-      opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(hostname));
+      opts->devices.push_back(gloo_device(hostname));
       g->backend = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, opts);
     } else if (name == "nccl") {
 #ifdef USE_C10D_NCCL
