@@ -465,3 +465,33 @@ fn rendezvous_faults_give_one_line_within_the_timeout() {
     one_error_line(&stderr(&o), "--dist-backend mpi");
     assert!(!out.join("run/checkpoint.safetensors").exists());
 }
+
+#[test]
+fn torchrun_launches_loracast_like_a_python_script() {
+    let _s = serial();
+    // scripts/setup.sh installs torch, and with it torchrun, into the venv.
+    let torchrun = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/torchrun");
+    assert!(
+        torchrun.is_file(),
+        "{} is missing: run scripts/setup.sh",
+        torchrun.display()
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path(), 3, 3);
+    let (ours, theirs) = (tmp.path().join("nproc"), tmp.path().join("torchrun"));
+    run_ok(&train_args(&cfg, &ours, &["--nproc", "2"]), 2);
+    // torchrun's agent hosts the store (TORCHELASTIC_USE_AGENT_STORE): every rank a client.
+    let o = Command::new(&torchrun)
+        .args(["--standalone", "--nproc-per-node", "2", "--no-python"])
+        .arg(env!("CARGO_BIN_EXE_loracast"))
+        .args(train_args(&cfg, &theirs, &["--dist-timeout", "60"]))
+        .env("OMP_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "torchrun: {}", stderr(&o));
+    assert!(
+        bitwise_equal(&trained(&theirs), &trained(&ours)),
+        "torchrun's run differs from --nproc 2's"
+    );
+    assert_eq!(metrics(&theirs)[0]["world_size"], 2);
+}
