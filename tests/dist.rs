@@ -1,6 +1,6 @@
 //! Data-parallel training over torch.distributed's c10d (issue #18), Gloo over 127.0.0.1 only:
 //! the bridge's collectives, the torchrun environment, 2 processes × batch b = 1 process ×
-//! batch 2b (to reduction order), a killed worker fails the others within the timeout, resume
+//! batch 2b (to reduction order, b = 2 and 1), a killed worker fails the others within the timeout, resume
 //! after a SIGKILL of the whole job is exact (same world size) or close (another), and the
 //! rendezvous faults each give one line.
 //!
@@ -34,15 +34,19 @@ fn free_port() -> u16 {
 /// A tiny hypernetwork run on the toy world through the tiny-a pipeline: global batch 4,
 /// 2 micro-batches, prior-preservation rows and unconditional rows (every row block sharded).
 fn config(dir: &Path, steps: u64, checkpoint_every: u64) -> PathBuf {
+    config_batch(dir, steps, checkpoint_every, 4)
+}
+
+fn config_batch(dir: &Path, steps: u64, checkpoint_every: u64, batch: usize) -> PathBuf {
     let cfg = serde_json::json!({
         "decoder": {"rank": 2, "alpha": 2.0, "width": 32, "layers": 1, "heads": 4,
                     "intermediate": 64, "rounds": 2},
         "loop": {"steps": steps, "lr": 1e-4, "warmup": 0, "weight_decay": 0.01, "grad_clip": 1.0,
                  "checkpoint_every": checkpoint_every, "log_every": 1, "seed": 3},
-        "batch": 4, "accumulate": 2, "lambda": 0.001, "gamma": 0.5, "mode": "single",
+        "batch": batch, "accumulate": 2, "lambda": 0.001, "gamma": 0.5, "mode": "single",
         "class_word": "creature", "null_weight": 0.5, "world_seed": 9,
     });
-    let path = dir.join(format!("hypernet-{steps}.json"));
+    let path = dir.join(format!("hypernet-{steps}-{batch}.json"));
     std::fs::write(&path, cfg.to_string()).unwrap();
     path
 }
@@ -264,35 +268,45 @@ fn collectives_between_two_ranks() {
 fn two_processes_train_what_one_process_trains_with_the_whole_batch() {
     let _s = serial();
     let tmp = tempfile::tempdir().unwrap();
-    let cfg = config(tmp.path(), 3, 3);
-    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
-    run_ok(&train_args(&cfg, &one, &[]), 1);
-    // 2 processes × 2 subjects per micro-batch (2 threads split into 1 each).
-    let o = run_ok(
-        &train_args(&cfg, &two, &["--nproc", "2", "--dist-timeout", "60"]),
-        2,
-    );
-    // Rank 0 alone reports; rank 1 prints nothing.
-    assert_eq!(stderr(&o).matches("wrote ").count(), 1, "{}", stderr(&o));
-    let d = rel_l2(&trained(&two), &trained(&one));
-    eprintln!("2 × b vs 1 × 2b after 3 steps: relative L2 difference {d:.2e}");
-    assert!(d <= 1e-6, "relative difference {d:.3e} > 1e-6");
-    // Same global batch, same scalars (to reduction order); the log says who trained.
-    let (m1, m2) = (metrics(&one), metrics(&two));
-    assert_eq!(m1.len(), 3);
-    assert_eq!(m2.len(), 3);
-    for (a, b) in m1.iter().zip(&m2) {
-        for key in ["loss", "l_ft", "l_base", "l_prior", "l_null", "grad_norm"] {
-            let (x, y) = (a[key].as_f64().unwrap(), b[key].as_f64().unwrap());
-            assert!(
-                (x - y).abs() <= 1e-5 * x.abs().max(1e-3),
-                "{key}: {x} vs {y}"
-            );
+    // 2 and 1 subjects per rank (the VAE gives 1-row batches another memory layout).
+    for batch in [4, 2] {
+        let cfg = config_batch(tmp.path(), 3, 3, batch);
+        let one = tmp.path().join(format!("one-{batch}"));
+        let two = tmp.path().join(format!("two-{batch}"));
+        run_ok(&train_args(&cfg, &one, &[]), 1);
+        // 2 processes × batch/2 subjects per micro-batch (2 threads split into 1 each).
+        let o = run_ok(
+            &train_args(&cfg, &two, &["--nproc", "2", "--dist-timeout", "60"]),
+            2,
+        );
+        // Rank 0 alone reports; rank 1 prints nothing.
+        assert_eq!(stderr(&o).matches("wrote ").count(), 1, "{}", stderr(&o));
+        let d = rel_l2(&trained(&two), &trained(&one));
+        eprintln!(
+            "2 × {} vs 1 × {batch} after 3 steps: relative L2 difference {d:.2e}",
+            batch / 2
+        );
+        assert!(
+            d <= 1e-6,
+            "batch {batch}: relative difference {d:.3e} > 1e-6"
+        );
+        // Same global batch, same scalars (to reduction order); the log says who trained.
+        let (m1, m2) = (metrics(&one), metrics(&two));
+        assert_eq!(m1.len(), 3);
+        assert_eq!(m2.len(), 3);
+        for (a, b) in m1.iter().zip(&m2) {
+            for key in ["loss", "l_ft", "l_base", "l_prior", "l_null", "grad_norm"] {
+                let (x, y) = (a[key].as_f64().unwrap(), b[key].as_f64().unwrap());
+                assert!(
+                    (x - y).abs() <= 1e-5 * x.abs().max(1e-3),
+                    "batch {batch}, {key}: {x} vs {y}"
+                );
+            }
+            assert_eq!(b["world_size"], 2);
+            assert!(a.get("world_size").is_none());
         }
-        assert_eq!(b["world_size"], 2);
-        assert!(a.get("world_size").is_none());
+        assert!(two.join("hypernet.safetensors").is_file());
     }
-    assert!(two.join("hypernet.safetensors").is_file());
 }
 
 #[test]

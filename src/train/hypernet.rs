@@ -29,7 +29,7 @@
 //! Data parallel ([`train_hypernet_dist`], issue #18): every rank draws the whole global batch's
 //! random choices (subjects, views, timesteps, noise: cheap) from the step's streams and
 //! renders, encodes and back-propagates only its [`Shard`] of the rows, so N ranks compute the
-//! one-process batch; one process takes exactly today's path.
+//! one-process batch. The noise is drawn in the latents' logical order ([`shard_draws`]).
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _, Result};
@@ -493,17 +493,9 @@ pub fn train_hypernet_dist(
                     let ids = sd.tokenizer.encode_batch(&texts).to_device(device);
                     Ok((z, sd.text_encoder.forward(&ids)?))
                 })?;
-                let n = latents.size()[0];
-                let (t, noise) = match shard.is_full() {
-                    true => {
-                        let t = Tensor::randint(n_train, [n], (Kind::Int64, device));
-                        (t, latents.randn_like())
-                    }
-                    // The global batch's draws, then this rank's rows of each block.
-                    false => {
-                        shard_draws(&latents, 1 + mb.prior_rows as i64, shard, n_train, device)?
-                    }
-                };
+                // The global batch's draws, then this rank's rows of each block.
+                let blocks = 1 + mb.prior_rows as i64;
+                let (t, noise) = shard_draws(&latents, blocks, shard, n_train, device)?;
                 let mut dn = DenoiseRows {
                     noisy: schedule.add_noise(&latents, &noise, &t)?,
                     target: schedule.target(&latents, &noise, &t)?,
@@ -603,8 +595,12 @@ pub fn train_hypernet_dist(
 
 /// Timesteps and noise of this rank's latent rows `[blocks·b, C, h, w]` (`blocks` = subject
 /// rows, then prior rows): drawn for the global batch `[blocks·b·world, …]` in the one-process
-/// order and memory layout (as `randint` then `randn_like` draw them there), then this rank's
-/// `b` rows of each block.
+/// order, then this rank's `b` rows of each block (one process: all of them).
+///
+/// The noise is drawn in the latents' logical (row-major NCHW) order, not in their memory
+/// order as `randn_like` would: the layout the convolution backend gives the VAE's latents
+/// depends on the batch size (on this CPU build channels-last for 2+ rows, contiguous for 1),
+/// so memory-order noise would change with how the batch is split.
 fn shard_draws(
     latents: &Tensor,
     blocks: i64,
@@ -620,16 +616,10 @@ fn shard_draws(
     let b_global = b * shard.world as i64;
     shape[0] = blocks * b_global;
     let t = Tensor::randint(n_train, [shape[0]], (Kind::Int64, device));
-    // `randn_like` fills in memory order and the VAE's latents are channels-last: draw into the
-    // same layout (rows outermost) so each row gets the values one process gives it.
-    let mut strides = latents.stride();
-    strides[0] = shape[1..].iter().product();
-    let like = Tensor::empty_strided(
-        shape.as_slice(),
-        strides.as_slice(),
-        (latents.kind(), device),
-    );
-    let noise = like.randn_like();
+    let noise = Tensor::randn(shape.as_slice(), (latents.kind(), device));
+    if shard.is_full() {
+        return Ok((t, noise));
+    }
     let first = shard.rank as i64 * b;
     let rows: Vec<i64> = (0..blocks)
         .flat_map(|k| (0..b).map(move |i| k * b_global + first + i))
