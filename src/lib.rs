@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod data;
 pub mod diffusion;
+pub mod dist;
 pub mod eval;
 pub mod fuzzing;
 pub mod hypernet;

@@ -79,6 +79,7 @@ pub struct FinetuneArgs {
 }
 
 pub fn run(args: FinetuneArgs) -> Result<()> {
+    super::train::single_process("finetune")?;
     let out = super::check_output(&args.out, "safetensors", args.force)?;
     let format = LoraFormat::from_cli_name(&args.format)?;
     let device = super::parse_device(&args.device)?;

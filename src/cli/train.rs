@@ -1,6 +1,11 @@
 //! `loracast train base|evaluators|encoder|hypernet --config FILE --out DIR [--resume]`: the toy world's
 //! training recipes (configs in configs/toy/). Progress bars, metrics logs, atomic checkpoints,
 //! exact resume after a kill, NaN guard.
+//!
+//! `train hypernet` trains data parallel (issue #18, docs/SCALING.md) under torchrun
+//! (`torchrun --nproc-per-node N --no-python loracast train hypernet …`: the `RANK`/`WORLD_SIZE`/
+//! `MASTER_ADDR`/`MASTER_PORT` environment) or with `--nproc N` (N local workers on 127.0.0.1).
+//! The other recipes run in one process and refuse a torchrun environment with more than one.
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -8,10 +13,11 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use serde::de::DeserializeOwned;
 
+use crate::dist::{launch, Backend, Dist, Topology};
 use crate::train::base::{train_base, BaseConfig};
 use crate::train::encoder::{train_encoder, EncoderConfig};
 use crate::train::evaluators::{train_evaluators, EvaluatorsConfig};
-use crate::train::hypernet::{train_hypernet, HypernetJob, HypernetTrainConfig, TrainData};
+use crate::train::hypernet::{train_hypernet_dist, HypernetJob, HypernetTrainConfig, TrainData};
 use crate::train::ip_adapter::{train_ip_adapter, IpAdapterJob, IpAdapterTrainConfig};
 
 #[derive(Subcommand, Debug)]
@@ -80,6 +86,49 @@ pub struct HypernetArgs {
     /// Override the config's λ (weight of ‖h(x)‖²).
     #[arg(long)]
     pub lambda: Option<f64>,
+    #[command(flatten)]
+    pub dist: DistArgs,
+}
+
+/// Data-parallel training (torch.distributed c10d).
+#[derive(Args, Debug)]
+pub struct DistArgs {
+    /// Train with N local worker processes (127.0.0.1, a free port, the torch threads split
+    /// between them). Under torchrun (RANK and WORLD_SIZE set) the environment decides instead.
+    #[arg(long, default_value_t = 1)]
+    pub nproc: usize,
+    /// Collective backend: gloo (CPU), nccl (CUDA; `--features cuda`) or auto.
+    #[arg(long, default_value = "auto")]
+    pub dist_backend: String,
+    /// Seconds to wait for every rank to join and for each collective; a rank that dies or
+    /// never joins makes the others fail within it.
+    #[arg(long, default_value_t = 300.0)]
+    pub dist_timeout: f64,
+}
+
+impl DistArgs {
+    fn timeout(&self) -> Result<std::time::Duration> {
+        if !(self.dist_timeout.is_finite() && self.dist_timeout > 0.0 && self.dist_timeout < 1e7) {
+            anyhow::bail!(
+                "--dist-timeout {}: expected a positive number of seconds",
+                self.dist_timeout
+            );
+        }
+        Ok(std::time::Duration::from_secs_f64(self.dist_timeout))
+    }
+}
+
+/// Recipes without data parallelism refuse to run as several ranks (they would all write).
+pub(crate) fn single_process(recipe: &str) -> Result<()> {
+    if let Some(t) = Topology::from_env()? {
+        if t.world > 1 {
+            anyhow::bail!(
+                "`{recipe}` trains in one process; data-parallel training (WORLD_SIZE={}) is implemented for `train hypernet`",
+                t.world
+            );
+        }
+    }
+    Ok(())
 }
 
 #[derive(Args, Debug)]
@@ -114,6 +163,7 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
     let start = Instant::now();
     match cmd {
         TrainCommand::Base(args) => {
+            single_process("train base")?;
             let cfg: BaseConfig = read_config(&args.config)?;
             cfg.vae_loop.validate()?;
             cfg.unet_loop.validate()?;
@@ -126,6 +176,7 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
             );
         }
         TrainCommand::Evaluators(args) => {
+            single_process("train evaluators")?;
             let cfg: EvaluatorsConfig = read_config(&args.common.config)?;
             let device = super::parse_device(&args.common.device)?;
             let report = train_evaluators(
@@ -143,6 +194,7 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
             );
         }
         TrainCommand::Encoder(args) => {
+            single_process("train encoder")?;
             let cfg: EncoderConfig = read_config(&args.config)?;
             cfg.loop_cfg.validate()?;
             let device = super::parse_device(&args.device)?;
@@ -160,7 +212,25 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
             }
             cfg.validate()
                 .with_context(|| format!("--config {}", args.common.config.display()))?;
-            let device = super::parse_device(&args.common.device)?;
+            let timeout = args.dist.timeout()?;
+            let topo = Topology::from_env()?.filter(|t| t.world > 1);
+            let world = topo.as_ref().map_or(args.dist.nproc, |t| t.world);
+            if world == 0 {
+                anyhow::bail!("--nproc must be ≥ 1");
+            }
+            crate::dist::Shard { rank: 0, world }
+                .rows(cfg.batch as usize, "subjects (config `batch`)")
+                .with_context(|| format!("--config {}", args.common.config.display()))?;
+            let mut device = super::parse_device(&args.common.device)?;
+            if let (Some(t), tch::Device::Cuda(_)) = (&topo, device) {
+                device = tch::Device::Cuda(t.local_rank);
+            }
+            let backend = Backend::choose(&args.dist.dist_backend, device)?;
+            if topo.is_none() && args.dist.nproc > 1 {
+                // The launcher: N copies of this command, each a rank.
+                let argv: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+                return launch::spawn_local(args.dist.nproc, &argv);
+            }
             let base = crate::toy::resolve_base(&args.base)?;
             let toy = args.data.to_str() == Some(crate::toy::NAME);
             if cfg.gamma > 0.0 && !toy && args.class_data.is_none() {
@@ -205,12 +275,22 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
                 resume: args.common.resume,
                 device,
             };
-            let out = train_hypernet(&cfg, job)?;
-            eprintln!(
-                "wrote {} in {:.1} min",
-                out.display(),
-                start.elapsed().as_secs_f64() / 60.0
-            );
+            let dist = match &topo {
+                Some(t) => Some(Dist::init(t, backend, device, timeout)?),
+                None => None,
+            };
+            let out = train_hypernet_dist(&cfg, job, dist.as_ref())?;
+            let main = dist.as_ref().is_none_or(|d| d.rank() == 0);
+            if let Some(d) = dist {
+                d.shutdown()?;
+            }
+            if main {
+                eprintln!(
+                    "wrote {} in {:.1} min",
+                    out.display(),
+                    start.elapsed().as_secs_f64() / 60.0
+                );
+            }
         }
         TrainCommand::IpAdapter(args) => {
             let cfg: IpAdapterTrainConfig = read_config(&args.common.config)?;

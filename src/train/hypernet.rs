@@ -36,6 +36,11 @@
 //! AdamW, constant LR after warm-up, gradient accumulation over `accumulate` micro-batches,
 //! progress bar, metrics log, atomic checkpoints, exact resume and the NaN guard come from
 //! [`super::train`]. Only the decoder trains; the encoder, text encoder, UNet and VAE are frozen.
+//!
+//! Data parallel ([`train_hypernet_dist`], issue #18): every rank draws the whole global batch's
+//! random choices (subjects, views, timesteps, noise: cheap) from the step's streams and
+//! renders, encodes and back-propagates only its [`Shard`] of the rows, so N ranks compute the
+//! one-process batch. The noise is drawn in the latents' logical order ([`shard_draws`]).
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _, Result};
@@ -43,8 +48,9 @@ use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 
 use super::lidb::LidbTargetsConfig;
-use super::{target_tensor, train, DenoiseRows, LoopConfig, RowImages, StepOutput};
+use super::{target_tensor, train_dist, DenoiseRows, LoopConfig, RowImages, StepOutput};
 use crate::data::{subject_prompt, Identity, Sample, Split, World, DEFAULT_TOKEN};
+use crate::dist::{Dist, Shard};
 use crate::hypernet::{DecoderConfig, HypernetConfig, Hypernetwork, IpAdapterBinding};
 use crate::io::preprocess::RgbImage;
 use crate::models::ip_adapter::{ImageEncoder, IpAdapter};
@@ -320,6 +326,7 @@ fn micro_batch(
     size: i64,
     seed: u64,
     pool: Option<&[Identity]>,
+    shard: Shard,
 ) -> Result<MicroBatch> {
     let mut world = World::new(seed);
     let prior = cfg.gamma > 0.0;
@@ -342,7 +349,14 @@ fn micro_batch(
                 }
                 None => world.distinct_identities(Split::Train, cfg.batch as usize),
             };
-            for id in ids {
+            // Every rank draws every row (same stream); renders only its own.
+            let mine = shard.rows(ids.len(), "subjects")?;
+            picked = picked
+                .get(mine.clone())
+                .map(<[usize]>::to_vec)
+                .unwrap_or_default();
+            for (row, id) in ids.into_iter().enumerate() {
+                let mine = mine.contains(&row);
                 let input = world.view(id);
                 let (target, prompt) = match cfg.mode {
                     DataMode::Single => (input, format!("a {} {}", cfg.token, cfg.class_word)),
@@ -352,13 +366,17 @@ fn micro_batch(
                         (t, p)
                     }
                 };
-                inputs.push(render_rgb(&input)?);
-                targets.push(toy_target(&target, size)?);
-                prompts.push(prompt);
+                if mine {
+                    inputs.push(render_rgb(&input)?);
+                    targets.push(toy_target(&target, size)?);
+                    prompts.push(prompt);
+                }
                 if prior {
                     let other = world.sample(Split::Train);
-                    prior_targets.push(toy_target(&other, size)?);
-                    prior_prompts.push(other.context.caption());
+                    if mine {
+                        prior_targets.push(toy_target(&other, size)?);
+                        prior_prompts.push(other.context.caption());
+                    }
                 }
             }
         }
@@ -372,23 +390,29 @@ fn micro_batch(
             for i in (1..order.len()).rev() {
                 order.swap(i, world.rng().below(i + 1));
             }
-            for &k in &order[..n] {
+            let mine = shard.rows(n, "subjects")?;
+            for (row, &k) in order[..n].iter().enumerate() {
+                let mine = mine.contains(&row);
                 let imgs = &subjects[k].1;
                 let i = world.rng().below(imgs.len());
                 let j = match cfg.mode {
                     DataMode::Single => i,
                     DataMode::CrossView => (i + 1 + world.rng().below(imgs.len() - 1)) % imgs.len(),
                 };
-                inputs.push(imgs[i].clone());
-                targets.push(target_tensor(&imgs[j], size)?);
-                prompts.push(format!("a {} {}", cfg.token, cfg.class_word));
+                if mine {
+                    inputs.push(imgs[i].clone());
+                    targets.push(target_tensor(&imgs[j], size)?);
+                    prompts.push(format!("a {} {}", cfg.token, cfg.class_word));
+                }
                 if prior {
                     if class_images.is_empty() {
                         bail!("gamma > 0 (prior preservation) needs --class-data");
                     }
                     let c = &class_images[world.rng().below(class_images.len())];
-                    prior_targets.push(target_tensor(c, size)?);
-                    prior_prompts.push(format!("a {}", cfg.class_word));
+                    if mine {
+                        prior_targets.push(target_tensor(c, size)?);
+                        prior_prompts.push(format!("a {}", cfg.class_word));
+                    }
                 }
             }
         }
@@ -403,23 +427,29 @@ fn micro_batch(
                 let j = i + world.rng().below(pairs.len() - i);
                 order.swap(i, j);
             }
-            for &k in &order[..n] {
+            let mine = shard.rows(n, "pairs")?;
+            for (row, &k) in order[..n].iter().enumerate() {
+                let mine = mine.contains(&row);
                 let p = &pairs[k];
-                let input = RgbImage::open(&p.input)?;
-                let target = match cfg.mode {
-                    DataMode::Single => input.clone(),
-                    DataMode::CrossView => RgbImage::open(&p.target)?,
-                };
-                targets.push(target_tensor(&target, size)?);
-                inputs.push(input);
-                prompts.push(p.prompt(&cfg.token));
+                if mine {
+                    let input = RgbImage::open(&p.input)?;
+                    let target = match cfg.mode {
+                        DataMode::Single => input.clone(),
+                        DataMode::CrossView => RgbImage::open(&p.target)?,
+                    };
+                    targets.push(target_tensor(&target, size)?);
+                    inputs.push(input);
+                    prompts.push(p.prompt(&cfg.token));
+                }
                 if prior {
                     if class_images.is_empty() {
                         bail!("gamma > 0 (prior preservation) needs --class-data");
                     }
                     let c = &class_images[world.rng().below(class_images.len())];
-                    prior_targets.push(target_tensor(c, size)?);
-                    prior_prompts.push(format!("a {}", p.class));
+                    if mine {
+                        prior_targets.push(target_tensor(c, size)?);
+                        prior_prompts.push(format!("a {}", p.class));
+                    }
                 }
             }
         }
@@ -539,7 +569,18 @@ pub struct HypernetJob<'a> {
 
 /// Trains a hypernetwork for `job.base` and writes `out/hypernet.safetensors` (f16).
 pub fn train_hypernet(cfg: &HypernetTrainConfig, job: HypernetJob) -> Result<PathBuf> {
+    train_hypernet_dist(cfg, job, None)
+}
+
+/// [`train_hypernet`] as one rank of a data-parallel group (`None`: alone). Rank 0 writes.
+pub fn train_hypernet_dist(
+    cfg: &HypernetTrainConfig,
+    job: HypernetJob,
+    dist: Option<&Dist>,
+) -> Result<PathBuf> {
     cfg.validate()?;
+    let shard = Shard::of(dist);
+    shard.rows(cfg.batch as usize, "subjects (config `batch`)")?;
     let device = job.device;
     let sd = StableDiffusion::load(job.base, device)?;
     let shared = match &job.ip_adapter {
@@ -585,7 +626,25 @@ pub fn train_hypernet(cfg: &HypernetTrainConfig, job: HypernetJob) -> Result<Pat
             std::fs::create_dir_all(job.out)
                 .with_context(|| format!("creating {}", job.out.display()))?;
             let path = job.out.join("lidb_subjects.safetensors");
-            let targets = super::lidb::preoptimize(&sd, &cfg.decoder, t, &cfg.token, &path)?;
+            // Rank 0 pre-optimises (and caches); the others then read its file.
+            let first = dist.is_none_or(|d| d.rank() == 0);
+            let mut targets = None;
+            if first {
+                targets = Some(super::lidb::preoptimize(
+                    &sd,
+                    &cfg.decoder,
+                    t,
+                    &cfg.token,
+                    &path,
+                )?);
+            }
+            if let Some(d) = dist {
+                d.barrier()?;
+            }
+            let targets = match targets {
+                Some(t) => t,
+                None => super::lidb::preoptimize(&sd, &cfg.decoder, t, &cfg.token, &path)?,
+            };
             Some((targets, t.weight))
         }
         None => None,
@@ -618,20 +677,21 @@ pub fn train_hypernet(cfg: &HypernetTrainConfig, job: HypernetJob) -> Result<Pat
     let n_train = schedule.num_train_timesteps() as i64;
     let run_cfg = serde_json::json!({"train": cfg, "hypernet": hcfg});
     let acc = cfg.accumulate;
-    train(
+    train_dist(
         &job.out.join("run"),
         &cfg.loop_cfg,
         &run_cfg,
         &mut vs,
         job.resume,
         "hypernet",
+        dist,
         |step| {
             let (mut total, mut ft_sum, mut reg_sum, mut prior_sum, mut base_sum) =
                 (0.0, 0.0, 0.0, 0.0, 0.0);
             let (mut w_sum, mut null_sum) = (0.0, 0.0);
             for micro in 0..acc {
                 let seed = super::step_seed(cfg.world_seed, step * acc as u64 + micro as u64);
-                let mb = micro_batch(cfg, &job.data, size, seed, pool)?;
+                let mb = micro_batch(cfg, &job.data, size, seed, pool, shard)?;
                 let b = mb.inputs.len() as i64;
                 // 1–2. h(x) → per-sample LoRA; prior rows reuse their subject's prediction.
                 // Open category: the adapter's encoder states feed the decoder and the
@@ -659,8 +719,9 @@ pub fn train_hypernet(cfg: &HypernetTrainConfig, job: HypernetJob) -> Result<Pat
                     Ok((z, sd.encode_prompts(&texts)?))
                 })?;
                 let n = latents.size()[0];
-                let t = Tensor::randint(n_train, [n], (Kind::Int64, device));
-                let noise = latents.randn_like();
+                // The global batch's draws, then this rank's rows of each block.
+                let blocks = 1 + mb.prior_rows as i64;
+                let (t, noise) = shard_draws(&latents, blocks, shard, n_train, device)?;
                 let (noisy, target) = (
                     schedule.add_noise(&latents, &noise, &t)?,
                     schedule.target(&latents, &noise, &t)?,
@@ -756,6 +817,43 @@ pub fn train_hypernet(cfg: &HypernetTrainConfig, job: HypernetJob) -> Result<Pat
     )
     .context("training the hypernetwork")?;
     let out = job.out.join("hypernet.safetensors");
-    hyper.save(&vs, &out, true)?;
+    if dist.is_none_or(|d| d.rank() == 0) {
+        hyper.save(&vs, &out, true)?;
+    }
     Ok(out)
+}
+
+/// Timesteps and noise of this rank's latent rows `[blocks·b, C, h, w]` (`blocks` = subject
+/// rows, then prior rows): drawn for the global batch `[blocks·b·world, …]` in the one-process
+/// order, then this rank's `b` rows of each block (one process: all of them).
+///
+/// The noise is drawn in the latents' logical (row-major NCHW) order, not in their memory
+/// order as `randn_like` would: the layout the convolution backend gives the VAE's latents
+/// depends on the batch size (on this CPU build channels-last for 2+ rows, contiguous for 1),
+/// so memory-order noise would change with how the batch is split.
+fn shard_draws(
+    latents: &Tensor,
+    blocks: i64,
+    shard: Shard,
+    n_train: i64,
+    device: Device,
+) -> Result<(Tensor, Tensor)> {
+    let mut shape = latents.size();
+    if shape[0] % blocks != 0 {
+        bail!("{} latent rows do not split into {blocks} blocks", shape[0]);
+    }
+    let b = shape[0] / blocks;
+    let b_global = b * shard.world as i64;
+    shape[0] = blocks * b_global;
+    let t = Tensor::randint(n_train, [shape[0]], (Kind::Int64, device));
+    let noise = Tensor::randn(shape.as_slice(), (latents.kind(), device));
+    if shard.is_full() {
+        return Ok((t, noise));
+    }
+    let first = shard.rank as i64 * b;
+    let rows: Vec<i64> = (0..blocks)
+        .flat_map(|k| (0..b).map(move |i| k * b_global + first + i))
+        .collect();
+    let rows = Tensor::from_slice(&rows).to_device(device);
+    Ok((t.index_select(0, &rows), noise.index_select(0, &rows)))
 }

@@ -7,6 +7,13 @@
 //! with [`step_seed`]`(seed, k)` (the global torch generator is re-seeded at each step, data
 //! sampling takes the same seed), so a resumed run repeats the uninterrupted one bit for bit at
 //! the same thread count.
+//!
+//! Data parallel (issue #18, [`train_dist`]): with a [`Dist`] group every rank runs this same
+//! loop on its shard of the global batch; rank 0 loads the checkpoint and broadcasts the
+//! parameters and optimizer moments, the gradients are averaged (one all-reduce) after the
+//! step's backward passes and before clipping, the logged scalars are averaged too, and only
+//! rank 0 writes metrics, progress and checkpoints. Without a group (`None`, world size 1)
+//! nothing of this runs: today's loop, bit for bit.
 pub mod base;
 pub mod encoder;
 pub mod evaluators;
@@ -27,6 +34,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use tch::{nn::VarStore, Kind, Tensor};
 
+use crate::dist::{fingerprint, Dist};
 use crate::io::safetensors::{load_strict, save, SafeTensorsFile};
 
 /// Optimizer and schedule settings of a run (part of every trainer's config file).
@@ -290,30 +298,78 @@ pub fn train(
     vs: &mut VarStore,
     resume: bool,
     label: &str,
+    step_fn: impl FnMut(u64) -> Result<StepOutput>,
+) -> Result<Summary> {
+    train_dist(dir, cfg, config, vs, resume, label, None, step_fn)
+}
+
+/// [`train`] as one rank of a data-parallel group (`dist`), or alone (`None`). `step_fn(k)`
+/// computes this rank's shard of step `k`'s global batch (its loss is a mean over its rows).
+#[allow(clippy::too_many_arguments)]
+pub fn train_dist(
+    dir: &Path,
+    cfg: &LoopConfig,
+    config: &serde_json::Value,
+    vs: &mut VarStore,
+    resume: bool,
+    label: &str,
+    dist: Option<&Dist>,
     mut step_fn: impl FnMut(u64) -> Result<StepOutput>,
 ) -> Result<Summary> {
     cfg.validate()?;
     // Every step re-seeds the global generator: keep other seeded work out meanwhile.
     let _rng = crate::util::rng_lock();
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let main = dist.is_none_or(|d| d.rank() == 0);
+    if let Some(d) = dist {
+        d.agree(
+            fingerprint(config.to_string().as_bytes()),
+            "the training config",
+        )?;
+    }
     let ckpt = checkpoint_path(dir);
     let metrics_path = dir.join("metrics.jsonl");
     let mut opt = AdamW::new(vs, cfg.weight_decay);
     let mut start = 0;
-    if ckpt.exists() {
-        if !resume {
-            bail!(
-                "{} already holds a checkpoint: pass --resume to continue it, or choose another --out",
-                dir.display()
-            );
+    if main {
+        let prepared = prepare_run(dir, cfg, config, vs, &mut opt, resume);
+        if let Some(d) = dist {
+            // The others learn rank 0's start step (or that it failed) before anything else.
+            let code = prepared.as_ref().map_or(-1, |&s| s as i64);
+            let t = Tensor::from_slice(&[code]).to_device(d.device());
+            d.broadcast(std::slice::from_ref(&t), 0)?;
         }
-        start = load_checkpoint(&ckpt, config, cfg, vs, &mut opt)?;
-        truncate_metrics(&metrics_path, start)?;
-    } else if metrics_path.exists() {
-        std::fs::remove_file(&metrics_path).ok();
+        start = prepared?;
+    } else if let Some(d) = dist {
+        let t = Tensor::from_slice(&[0i64]).to_device(d.device());
+        d.broadcast(std::slice::from_ref(&t), 0)?;
+        start = u64::try_from(t.int64_value(&[0])).map_err(|_| {
+            anyhow::anyhow!(
+                "rank {} of {}: rank 0 could not prepare {} (see its error)",
+                d.rank(),
+                d.world(),
+                dir.display()
+            )
+        })?;
+    }
+    if let Some(d) = dist {
+        // Rank 0's parameters and optimizer moments (fresh or resumed) on every rank.
+        let mut state: Vec<Tensor> = opt.params().into_iter().map(|(_, p)| p).collect();
+        state.extend(opt.state().into_iter().map(|(_, t)| t));
+        let shipped: Vec<Tensor> = state.iter().map(|t| t.to_device(d.device())).collect();
+        d.broadcast(&shipped, 0)?;
+        tch::no_grad(|| {
+            for (mut dst, src) in state.into_iter().zip(&shipped) {
+                dst.copy_(src);
+            }
+        });
+        opt.t = start as i64;
     }
     let begin = Instant::now();
-    let bar = ProgressBar::new(cfg.steps).with_style(
+    let bar = match main {
+        true => ProgressBar::new(cfg.steps),
+        false => ProgressBar::hidden(),
+    }
+    .with_style(
         ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed}<{eta} {per_sec}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
@@ -321,13 +377,28 @@ pub fn train(
     bar.set_message(label.to_string());
     let mut window: Vec<f64> = Vec::new();
     let mut extra: Vec<(&'static str, f64)> = Vec::new();
+    let mut comm_s = 0.0;
     let mut losses = Vec::new();
     let mut last_ckpt = start;
     for step in start..cfg.steps {
         tch::manual_seed(step_seed(cfg.seed, step) as i64);
         opt.zero_grad();
-        let out = step_fn(step)?;
-        let loss = out.loss.double_value(&[]);
+        let mut out = step_fn(step)?;
+        let mut loss = out.loss.double_value(&[]);
+        if let Some(d) = dist {
+            // The global batch's scalars: the mean of the ranks' means.
+            let t0 = Instant::now();
+            let mut vals = vec![loss];
+            vals.extend(out.metrics.iter().map(|(_, v)| *v));
+            let t = Tensor::from_slice(&vals).to_device(d.device());
+            d.all_reduce_mean(std::slice::from_ref(&t))?;
+            let vals = Vec::<f64>::try_from(&t.to_device(tch::Device::Cpu))?;
+            loss = vals[0];
+            for ((_, v), m) in out.metrics.iter_mut().zip(&vals[1..]) {
+                *v = *m;
+            }
+            comm_s += t0.elapsed().as_secs_f64();
+        }
         if !loss.is_finite() {
             bar.abandon();
             bail!(
@@ -337,6 +408,12 @@ pub fn train(
         }
         if out.loss.requires_grad() {
             out.loss.backward();
+        }
+        if let Some(d) = dist {
+            // Data parallel: the global batch's gradient (after every micro-batch's backward).
+            let t0 = Instant::now();
+            d.all_reduce_mean(&opt.grads())?;
+            comm_s += t0.elapsed().as_secs_f64();
         }
         let norm = opt.clip_grad_norm(cfg.grad_clip.unwrap_or(f64::INFINITY));
         if !norm.is_finite() {
@@ -366,16 +443,29 @@ pub fn train(
             for (k, v) in &extra {
                 line[*k] = serde_json::json!(v / n);
             }
-            append_line(&metrics_path, &line)?;
+            if let Some(d) = dist {
+                line["world_size"] = serde_json::json!(d.world());
+                line["comm_s"] = serde_json::json!(comm_s / n);
+            }
+            if main {
+                append_line(&metrics_path, &line)?;
+            }
             bar.set_message(format!("{label} loss {mean:.4}"));
             losses.push((done, mean));
             window.clear();
             extra.clear();
+            comm_s = 0.0;
         }
-        if done % cfg.checkpoint_every == 0 || done == cfg.steps {
+        if main && (done % cfg.checkpoint_every == 0 || done == cfg.steps) {
             save_checkpoint(&ckpt, config, cfg, vs, &opt, done)?;
             last_ckpt = done;
         }
+    }
+    if let Some(d) = dist {
+        // Every rank must end with rank 0's weights (same broadcast start, same averaged
+        // gradients, same updates); this also keeps everyone until rank 0's last checkpoint is
+        // written (a failure there fails all).
+        d.agree(weights_fingerprint(&opt)?, "the trained weights")?;
     }
     bar.finish_and_clear();
     Ok(Summary {
@@ -384,6 +474,45 @@ pub fn train(
         losses,
         seconds: begin.elapsed().as_secs_f64(),
     })
+}
+
+/// FNV-1a of every optimized parameter's f32 bytes, in name order.
+fn weights_fingerprint(opt: &AdamW) -> Result<i64> {
+    let mut bytes = Vec::new();
+    for (_, p) in opt.params() {
+        let v = Vec::<f32>::try_from(p.detach().to_device(tch::Device::Cpu).flatten(0, -1))?;
+        bytes.extend(v.iter().flat_map(|x| x.to_le_bytes()));
+    }
+    Ok(fingerprint(&bytes))
+}
+
+/// Rank 0's start of a run in `dir`: a fresh run (no checkpoint; an old metrics log removed)
+/// or, with `resume`, the checkpoint's weights, moments and step. Returns the start step.
+fn prepare_run(
+    dir: &Path,
+    cfg: &LoopConfig,
+    config: &serde_json::Value,
+    vs: &mut VarStore,
+    opt: &mut AdamW,
+    resume: bool,
+) -> Result<u64> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let ckpt = checkpoint_path(dir);
+    let metrics_path = dir.join("metrics.jsonl");
+    let mut start = 0;
+    if ckpt.exists() {
+        if !resume {
+            bail!(
+                "{} already holds a checkpoint: pass --resume to continue it, or choose another --out",
+                dir.display()
+            );
+        }
+        start = load_checkpoint(&ckpt, config, cfg, vs, opt)?;
+        truncate_metrics(&metrics_path, start)?;
+    } else if metrics_path.exists() {
+        std::fs::remove_file(&metrics_path).ok();
+    }
+    Ok(start)
 }
 
 fn save_checkpoint(

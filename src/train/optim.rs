@@ -47,6 +47,23 @@ impl AdamW {
         self.params.iter().map(|(_, p)| p.numel()).sum()
     }
 
+    /// The optimized parameters, sorted by name (shallow handles).
+    pub fn params(&self) -> Vec<(String, Tensor)> {
+        self.params
+            .iter()
+            .map(|(n, p)| (n.clone(), p.shallow_clone()))
+            .collect()
+    }
+
+    /// The defined gradients, in parameter order (aliases: writing them writes the gradients).
+    pub fn grads(&self) -> Vec<Tensor> {
+        self.params
+            .iter()
+            .map(|(_, p)| p.grad())
+            .filter(|g| g.defined())
+            .collect()
+    }
+
     pub fn zero_grad(&mut self) {
         for (_, p) in &mut self.params {
             let mut g = p.grad();
