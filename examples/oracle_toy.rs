@@ -15,7 +15,7 @@ use std::str::FromStr;
 use anyhow::{Context as _, Result};
 use loracast::data::{subject_prompt, World, DEFAULT_TOKEN};
 use loracast::eval::fidelity::Evaluators;
-use loracast::eval::toy::{heldout_subjects, run_method, Guide, Sampling};
+use loracast::eval::toy::{heldout_subjects, run_method, Conditioning, Guide, Sampling};
 use loracast::lora::LoraSet;
 use loracast::pipeline::StableDiffusion;
 use loracast::train::finetune::{finetune_lora, toy_prior, Examples, FinetuneConfig};
@@ -97,7 +97,12 @@ fn main() -> Result<()> {
     };
     for (k, st) in steps.iter().enumerate() {
         for guide in [Guide::Cfg, Guide::HmCfg { kappa: 1.0 }] {
-            let m = run_method(&sd, &ev, &subjects, Some(&sets[k]), guide, sampling, || {})?;
+            let cond = Conditioning {
+                lora: Some(&sets[k]),
+                ip: None,
+                guide,
+            };
+            let m = run_method(&sd, &ev, &subjects, cond, sampling, || {})?;
             println!(
                 "steps {st} {guide:?}: subject {:.3} prompt {:.3} {:?}",
                 m.subject_fidelity, m.prompt_fidelity, m.subject_attributes

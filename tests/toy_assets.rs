@@ -317,3 +317,103 @@ fn experiment_paper_writes_every_row_in_the_demo_schema() {
         "junk.safetensors",
     );
 }
+
+/// `experiment open` (issue 17): every row in the same schema, each with its `ip_adapter_scale`
+/// (null for the base), the findings block, the κ plot; the shipped open-category hypernetwork is
+/// bound to the shipped IP-Adapter-Plus and base; `demo --category open` runs the same rows.
+#[test]
+fn experiment_open_rows_and_shipped_open_category_assets() {
+    use loracast::hypernet::Hypernetwork;
+    let (h, _vs) = Hypernetwork::load(
+        &loracast::toy::resolve_hypernet_open(std::path::Path::new("toy")).unwrap(),
+        tch::Device::Cpu,
+    )
+    .unwrap();
+    let ip = loracast::toy::resolve_ip_adapter(std::path::Path::new("toy")).unwrap();
+    let binding = h
+        .config
+        .ip_adapter
+        .clone()
+        .expect("open-category hypernetwork");
+    assert_eq!(binding.sha256, loracast::io::sha256_file(&ip).unwrap());
+    assert_eq!(binding.scale, 0.55);
+
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("open");
+    let o = loracast(&[
+        "experiment",
+        "open",
+        "--subjects",
+        "2",
+        "--prompts",
+        "1",
+        "--steps",
+        "3",
+        "--kappas",
+        "0.4,1.6",
+        "--ip-scales",
+        "0.3,0.55",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let m: serde_json::Value = read_json(&out.join("results.json"));
+    let labels: Vec<String> = m["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            format!(
+                "{}/{}/{}/{}",
+                r["method"].as_str().unwrap(),
+                r["guidance"].as_str().unwrap(),
+                r["kappa"],
+                r["ip_adapter_scale"]
+            )
+        })
+        .collect();
+    assert_eq!(
+        labels,
+        [
+            "base/cfg/null/null",
+            "ip_adapter_plus/cfg/null/0.3",
+            "ip_adapter_plus/cfg/null/0.55",
+            "hypernet_on_ip_adapter/cfg/null/0.55",
+            "hypernet_on_ip_adapter/hm-cfg/0.4/0.55",
+            "hypernet_on_ip_adapter/hm-cfg/1.6/0.55",
+        ]
+    );
+    let f6 = &m["settings"]["findings"]["F6"];
+    assert!(
+        f6["subject_fidelity_gain"].is_number() && f6["standard_error"].is_number(),
+        "{f6}"
+    );
+    let svg = std::fs::read_to_string(out.join("kappa.svg")).unwrap();
+    assert!(svg.contains("<polyline") && svg.contains("κ=1.6"));
+    assert!(std::fs::read_to_string(out.join("results.md"))
+        .unwrap()
+        .contains("F6:"));
+
+    let demo = tmp.path().join("demo");
+    let o = loracast(&[
+        "demo",
+        "--category",
+        "open",
+        "--subjects",
+        "1",
+        "--prompts",
+        "1",
+        "--steps",
+        "2",
+        "--out",
+        demo.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(demo.join("report.html").is_file());
+    let bad = tmp.path().join("bad");
+    assert_fails(
+        &["demo", "--category", "ajar", "--out", bad.to_str().unwrap()],
+        Some(&bad),
+        "--category",
+    );
+}

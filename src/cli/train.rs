@@ -293,6 +293,7 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
             }
         }
         TrainCommand::IpAdapter(args) => {
+            single_process("train ip-adapter")?;
             let cfg: IpAdapterTrainConfig = read_config(&args.common.config)?;
             cfg.validate()
                 .with_context(|| format!("--config {}", args.common.config.display()))?;

@@ -28,6 +28,7 @@
 //! - `hypernet_on_ip_adapter` at the hypernetwork's IP-Adapter scale: CFG and HM-CFG at every κ
 //!   of `--kappas` (∅ = θ0 with the unconditional image; c_G = θ0 with the image; c_S = θ0 + LoRA
 //!   with the image).
+//!
 //! Every row records `ip_adapter_scale` (null without one). F6 is judged paired per subject:
 //! the mean difference in subject fidelity between `hypernet_on_ip_adapter` (CFG) and
 //! `ip_adapter_plus` at the same scale, with its standard error over subjects.
@@ -392,31 +393,74 @@ pub fn paper(args: PaperOptions) -> Result<()> {
                        "prompt": "a sks creature", "images": 1},
         "fastft": {"rank": args.fastft_rank, "lr": args.fastft_lr, "steps": args.fastft_steps},
         "seconds": start.elapsed().as_secs_f64()});
-    let svg = kappa_svg(&rows, "hypernet");
-    let md = super::report::markdown_table(&rows, chance, ceiling);
+    finish(Finished {
+        out: &args.out,
+        title: "loracast experiment paper: toy world, held-out subjects",
+        subjects: &subjects,
+        rows: &rows,
+        images: &grid_images,
+        grid: &grid,
+        chance,
+        ceiling,
+        settings,
+        kappa_method: "hypernet",
+        heading: "κ trade-off (HM-CFG)",
+        notes: String::new(),
+        start,
+    })
+}
+
+/// What an experiment writes at its end.
+struct Finished<'a> {
+    out: &'a std::path::Path,
+    title: &'a str,
+    subjects: &'a [super::toy::Subject],
+    rows: &'a [Row],
+    images: &'a [Vec<Vec<tch::Tensor>>],
+    grid: &'a [usize],
+    chance: (f64, f64),
+    ceiling: (f64, f64),
+    settings: serde_json::Value,
+    /// The method whose HM-CFG rows make the κ curve.
+    kappa_method: &'a str,
+    heading: &'a str,
+    /// Lines appended to results.md (findings).
+    notes: String,
+    start: Instant,
+}
+
+/// Writes `results.json`, `results.md`, `kappa.svg` and `report.html` atomically and prints
+/// every row.
+fn finish(f: Finished) -> Result<()> {
+    let svg = kappa_svg(f.rows, f.kappa_method);
+    let md = super::report::markdown_table(f.rows, f.chance, f.ceiling) + &f.notes;
     write(
-        &args.out,
+        f.out,
         &Report {
-            title: "loracast experiment paper: toy world, held-out subjects",
+            title: f.title,
             json_name: "results.json",
-            subjects: &subjects,
-            rows: &rows,
-            images: &grid_images,
-            grid_rows: &grid,
-            chance,
-            ceiling,
-            settings,
-            extra_html: format!("<h2>κ trade-off (HM-CFG)</h2>{svg}\n"),
+            subjects: f.subjects,
+            rows: f.rows,
+            images: f.images,
+            grid_rows: f.grid,
+            chance: f.chance,
+            ceiling: f.ceiling,
+            settings: f.settings,
+            extra_html: format!("<h2>{}</h2>{svg}\n", f.heading),
             extra_files: vec![
                 ("results.md".into(), md.into_bytes()),
                 ("kappa.svg".into(), svg.clone().into_bytes()),
             ],
         },
     )?;
-    for r in &rows {
+    for r in f.rows {
+        let ip = r
+            .ip_adapter_scale
+            .map(|s| format!(" ip={s}"))
+            .unwrap_or_default();
         eprintln!(
-            "{:<40} subject {:.3}  prompt {:.3}  {:.3} s/subject",
-            super::report::label(r),
+            "{:<48} subject {:.3}  prompt {:.3}  {:.3} s/subject",
+            super::report::label(r) + &ip,
             r.subject_fidelity,
             r.prompt_fidelity,
             r.seconds_per_subject
@@ -424,12 +468,15 @@ pub fn paper(args: PaperOptions) -> Result<()> {
     }
     eprintln!(
         "chance: subject {:.3} prompt {:.3}; ceiling: subject {:.3} prompt {:.3}",
-        chance.0, chance.1, ceiling.0, ceiling.1
+        f.chance.0, f.chance.1, f.ceiling.0, f.ceiling.1
     );
+    if !f.notes.is_empty() {
+        eprint!("{}", f.notes.trim_start());
+    }
     eprintln!(
         "wrote {}/results.json and report.html in {:.1} min",
-        args.out.display(),
-        start.elapsed().as_secs_f64() / 60.0
+        f.out.display(),
+        f.start.elapsed().as_secs_f64() / 60.0
     );
     Ok(())
 }
@@ -778,52 +825,26 @@ pub fn open_with(args: OpenOptions) -> Result<OpenOutcome> {
         "hm_guidance_scale": sampling.hm_guidance_scale, "ip_adapter": ip_file.display().to_string(),
         "hypernet_ip_adapter_scale": hyper_scale, "findings": findings,
         "seconds": start.elapsed().as_secs_f64()});
-    let svg = kappa_svg(&rows, "hypernet_on_ip_adapter");
-    let mut md = super::report::markdown_table(&rows, chance, ceiling);
-    md.push_str(&format!(
+    let notes = format!(
         "\nF6: subject fidelity hypernet_on_ip_adapter − ip_adapter_plus (scale {hyper_scale}, CFG) = {:+.3} ± {:.3} (s.e. over {} subjects); prompt fidelity {:+.3}\nF7: over κ, subject fidelity rises monotonically: {}; prompt fidelity falls monotonically: {}\n",
         f6_subject.0, f6_subject.1, subjects.len(), f6_prompt, f7_monotone.0, f7_monotone.1
-    ));
-    write(
-        &args.out,
-        &Report {
-            title: "loracast experiment open: toy world, held-out subjects, θ0 = base + IP-Adapter-Plus",
-            json_name: "results.json",
-            subjects: &subjects,
-            rows: &rows,
-            images: &grid_images,
-            grid_rows: &grid,
-            chance,
-            ceiling,
-            settings,
-            extra_html: format!("<h2>κ trade-off (HM-CFG on θ0 = base + IP-Adapter-Plus)</h2>{svg}\n"),
-            extra_files: vec![
-                ("results.md".into(), md.into_bytes()),
-                ("kappa.svg".into(), svg.clone().into_bytes()),
-            ],
-        },
-    )?;
-    for r in &rows {
-        eprintln!(
-            "{:<48} subject {:.3}  prompt {:.3}",
-            format!(
-                "{} ip={}",
-                super::report::label(r),
-                r.ip_adapter_scale.map_or("-".into(), |s| s.to_string())
-            ),
-            r.subject_fidelity,
-            r.prompt_fidelity,
-        );
-    }
-    eprintln!(
-        "F6: subject {:+.3} ± {:.3} (s.e.), prompt {:+.3}; F7 monotone: subject {} prompt {}",
-        f6_subject.0, f6_subject.1, f6_prompt, f7_monotone.0, f7_monotone.1
     );
-    eprintln!(
-        "wrote {}/results.json and report.html in {:.1} min",
-        args.out.display(),
-        start.elapsed().as_secs_f64() / 60.0
-    );
+    finish(Finished {
+        out: &args.out,
+        title:
+            "loracast experiment open: toy world, held-out subjects, θ0 = base + IP-Adapter-Plus",
+        subjects: &subjects,
+        rows: &rows,
+        images: &grid_images,
+        grid: &grid,
+        chance,
+        ceiling,
+        settings,
+        kappa_method: "hypernet_on_ip_adapter",
+        heading: "κ trade-off (HM-CFG on θ0 = base + IP-Adapter-Plus)",
+        notes,
+        start,
+    })?;
     Ok(OpenOutcome {
         rows,
         f6_subject,

@@ -333,16 +333,15 @@ impl HypernetConfig {
                 d.heads
             );
         }
-        if d.kind == DecoderKind::Resampler {
-            if d.rounds != 1
+        if d.kind == DecoderKind::Resampler
+            && (d.rounds != 1
                 || d.width % decoder::DIM_HEAD != 0
-                || d.heads != d.width / decoder::DIM_HEAD
-            {
-                bail!(
+                || d.heads != d.width / decoder::DIM_HEAD)
+        {
+            bail!(
                     "{WHAT}: a resampler decoder has rounds 1 and width a multiple of {0} with heads = width / {0} (got rounds {1}, width {2}, heads {3})",
                     decoder::DIM_HEAD, d.rounds, d.width, d.heads
                 );
-            }
         }
         if let Some(l) = &d.lidb {
             check_range(WHAT, "decoder.lidb.a", l.a, 1, MAX_WIDTH)?;

@@ -178,7 +178,7 @@ impl Pair {
             w.trim_matches(|c: char| !c.is_alphanumeric())
                 .eq_ignore_ascii_case(&self.class)
         };
-        match words.iter().position(|w| is_class(w)) {
+        match words.iter().position(is_class) {
             Some(i) => {
                 let mut out = words.clone();
                 let with = format!("{token} {}", words[i]);
