@@ -377,15 +377,6 @@ pub fn paper(args: PaperOptions) -> Result<()> {
         })
         .map(|(i, _)| i)
         .collect();
-    let grid_images: Vec<_> = grid
-        .iter()
-        .map(|&i| std::mem::take(&mut images[i]))
-        .collect();
-    let chance = (
-        Identity::chance_level_between(Split::Train, Split::Heldout),
-        Context::chance_level(),
-    );
-    let ceiling = ceiling(&sd, &evaluators, &subjects)?;
     let settings = serde_json::json!({"seed": args.seed, "subjects": subjects.len(),
         "prompts": args.prompts, "guidance_scale": args.guidance_scale, "steps": args.steps,
         "hm_guidance_scale": sampling.hm_guidance_scale,
@@ -398,10 +389,10 @@ pub fn paper(args: PaperOptions) -> Result<()> {
         title: "loracast experiment paper: toy world, held-out subjects",
         subjects: &subjects,
         rows: &rows,
-        images: &grid_images,
+        sd: &sd,
+        evaluators: &evaluators,
+        images,
         grid: &grid,
-        chance,
-        ceiling,
         settings,
         kappa_method: "hypernet",
         heading: "κ trade-off (HM-CFG)",
@@ -416,10 +407,12 @@ struct Finished<'a> {
     title: &'a str,
     subjects: &'a [super::toy::Subject],
     rows: &'a [Row],
-    images: &'a [Vec<Vec<tch::Tensor>>],
+    /// Every row's images (`images[row][subject][prompt]`); the grid shows rows `grid`.
+    images: Vec<Vec<Vec<tch::Tensor>>>,
     grid: &'a [usize],
-    chance: (f64, f64),
-    ceiling: (f64, f64),
+    /// For the chance levels and the ceiling (renders through the VAE).
+    sd: &'a StableDiffusion,
+    evaluators: &'a Evaluators,
     settings: serde_json::Value,
     /// The method whose HM-CFG rows make the κ curve.
     kappa_method: &'a str,
@@ -431,9 +424,19 @@ struct Finished<'a> {
 
 /// Writes `results.json`, `results.md`, `kappa.svg` and `report.html` atomically and prints
 /// every row.
-fn finish(f: Finished) -> Result<()> {
+fn finish(mut f: Finished) -> Result<()> {
+    let grid_images: Vec<_> = f
+        .grid
+        .iter()
+        .map(|&i| std::mem::take(&mut f.images[i]))
+        .collect();
+    let chance = (
+        Identity::chance_level_between(Split::Train, Split::Heldout),
+        Context::chance_level(),
+    );
+    let ceiling = ceiling(f.sd, f.evaluators, f.subjects)?;
     let svg = kappa_svg(f.rows, f.kappa_method);
-    let md = super::report::markdown_table(f.rows, f.chance, f.ceiling) + &f.notes;
+    let md = super::report::markdown_table(f.rows, chance, ceiling) + &f.notes;
     write(
         f.out,
         &Report {
@@ -441,10 +444,10 @@ fn finish(f: Finished) -> Result<()> {
             json_name: "results.json",
             subjects: f.subjects,
             rows: f.rows,
-            images: f.images,
+            images: &grid_images,
             grid_rows: f.grid,
-            chance: f.chance,
-            ceiling: f.ceiling,
+            chance,
+            ceiling,
             settings: f.settings,
             extra_html: format!("<h2>{}</h2>{svg}\n", f.heading),
             extra_files: vec![
@@ -468,7 +471,7 @@ fn finish(f: Finished) -> Result<()> {
     }
     eprintln!(
         "chance: subject {:.3} prompt {:.3}; ceiling: subject {:.3} prompt {:.3}",
-        f.chance.0, f.chance.1, f.ceiling.0, f.ceiling.1
+        chance.0, chance.1, ceiling.0, ceiling.1
     );
     if !f.notes.is_empty() {
         eprint!("{}", f.notes.trim_start());
@@ -700,18 +703,23 @@ pub fn open_with(args: OpenOptions) -> Result<OpenOutcome> {
     };
     // 1. Personalize (the shared encoder's states → LoRA) and every subject's image tokens.
     let (sets, seconds) = super::toy::personalize_all_shared(&hyper, &encoder, &subjects)?;
-    let ip_at = |scale: f64| -> Result<Vec<IpAdapterInput>> {
-        subjects
+    // The image tokens do not depend on the scale: encode each reference once.
+    let tokens = subjects
+        .iter()
+        .map(|s| {
+            IpAdapterInput::new(
+                &adapter,
+                &encoder,
+                &sd.unet.config,
+                &[super::toy::reference_rgb(s)?],
+                1.0,
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let ip_at = |scale: f64| -> Vec<IpAdapterInput> {
+        tokens
             .iter()
-            .map(|s| {
-                IpAdapterInput::new(
-                    &adapter,
-                    &encoder,
-                    &sd.unet.config,
-                    &[super::toy::reference_rgb(s)?],
-                    scale,
-                )
-            })
+            .map(|t| IpAdapterInput { scale, ..t.clone() })
             .collect()
     };
     // 2. The rows: (method, guide, lora, ip scale).
@@ -740,7 +748,7 @@ pub fn open_with(args: OpenOptions) -> Result<OpenOutcome> {
     bar.set_message("generating");
     let (mut rows, mut images, mut per_subject) = (Vec::new(), Vec::new(), Vec::new());
     for &(method, guide, with_lora, scale) in &plans {
-        let ip = scale.map(ip_at).transpose()?;
+        let ip = scale.map(ip_at);
         let cond = Conditioning {
             lora: with_lora.then_some(sets.as_slice()),
             ip: ip.as_deref(),
@@ -804,15 +812,6 @@ pub fn open_with(args: OpenOptions) -> Result<OpenOutcome> {
         .filter(|(_, r)| r.method != "hypernet_on_ip_adapter" || r.kappa.is_none_or(|k| k == 1.0))
         .map(|(i, _)| i)
         .collect();
-    let grid_images: Vec<_> = grid
-        .iter()
-        .map(|&i| std::mem::take(&mut images[i]))
-        .collect();
-    let chance = (
-        Identity::chance_level_between(Split::Train, Split::Heldout),
-        Context::chance_level(),
-    );
-    let ceiling = ceiling(&sd, &evaluators, &subjects)?;
     let findings = serde_json::json!({
         "F6": {"subject_fidelity_gain": f6_subject.0, "standard_error": f6_subject.1,
                "prompt_fidelity_change": f6_prompt, "ip_adapter_scale": hyper_scale,
@@ -835,10 +834,10 @@ pub fn open_with(args: OpenOptions) -> Result<OpenOutcome> {
             "loracast experiment open: toy world, held-out subjects, θ0 = base + IP-Adapter-Plus",
         subjects: &subjects,
         rows: &rows,
-        images: &grid_images,
+        sd: &sd,
+        evaluators: &evaluators,
+        images,
         grid: &grid,
-        chance,
-        ceiling,
         settings,
         kappa_method: "hypernet_on_ip_adapter",
         heading: "κ trade-off (HM-CFG on θ0 = base + IP-Adapter-Plus)",
